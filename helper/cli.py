@@ -1,0 +1,123 @@
+"""The one argument parser of the entry scripts (distri.py, distri_dsextend.py), grouped as a table of contents.
+
+Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_lr``, ``--epoch``, ...).
+"""
+import argparse
+
+from helper.features import DEFAULT_LAYERS
+from helper.schedule import RATIO_TYPES
+
+
+def _rate(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
+    return value
+
+
+def add_system_args(parser):
+    """Device, precision and seed: shared by every entry point, the attack and the benchmark too."""
+    g = parser.add_argument_group("System")
+    g.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seeds the subset, the augmentation and any fresh weights")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast precision of the forward passes; auto = bf16 on CUDA, fp32 on CPU. "
+                        "Losses are always computed in fp32")
+    g.add_argument("--compile", action="store_true",
+                   help="fuse the losses with torch.compile (worth it on a GPU; off by default, slow to start on CPU)")
+    g.add_argument("--eval_batch_size", type=int, default=1000, help="batch size of evaluation (no gradients: large is fine)")
+    return g
+
+
+def add_synthetic_args(group):
+    group.add_argument("--synthetic_seed", type=int, default=0,
+                       help="defines the synthetic task (keep it equal between the attack and the defense)")
+    group.add_argument("--synthetic_train", type=int, default=10000, help="images in a synthetic train split")
+    group.add_argument("--synthetic_test", type=int, default=2000, help="images in a synthetic test split")
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(
+        "ASD: Attention Shifting Distillation of a backdoored teacher (use --ratio_type fix for plain KD)",
+        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("Data")
+    g.add_argument("--read_dir", default=None,
+                   help="folder with checkpoint.pkl, pattern.pt and mask.pt (default: read_dir at the top of distri.py)")
+    g.add_argument("--dataset", default="cifar10",
+                   help="what the teacher was trained on; its test set measures Acc and ASR: "
+                        "cifar10, cifar100, synthetic or a path to an .npz file")
+    g.add_argument("--finetunedata", default="cifar100",
+                   help="unlabelled defense data: cifar10, cifar100, synthetic (out-of-distribution generator) or .npz")
+    g.add_argument("--finetune_in_out", default="out", choices=["in", "out"],
+                   help="out: defense data from --finetunedata; in: from the teacher's own training set")
+    g.add_argument("--subset_rate", type=_rate, default=0.1,
+                   help="share of the defense pool used: 0.1 of CIFAR-100 train = 5,000 images, 1.0 = 50,000")
+    g.add_argument("--finetune_extend", action="store_true",
+                   help="pool = train + test of the defense data (60,000 for CIFAR-100); set by distri_dsextend.py")
+    g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
+    g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
+    g.add_argument("--target_label", type=int, default=0, help="the backdoor's target class")
+    g.add_argument("--thresh_mask", type=float, default=None, help="mask values <= this are set to 0 before use")
+    add_synthetic_args(g)
+
+    g = p.add_argument_group("Model")
+    g.add_argument("--width", type=int, default=None,
+                   help="ResNet18 base width (64 is the standard model); default: read from the checkpoint")
+    g.add_argument("--using_checkpoint", type=int, default=1, choices=[0, 1],
+                   help="1: the student starts from the teacher's weights; 0: from fresh weights")
+    g.add_argument("--hook_layers", default=",".join(DEFAULT_LAYERS),
+                   help="comma-separated module names or globs whose outputs ASL compares "
+                        "(default: conv1 of every residual block, 8 layers)")
+
+    g = p.add_argument_group("Distillation")
+    g.add_argument("--ratio_type", default="scheduler", choices=RATIO_TYPES,
+                   help="scheduler: ASD (lambda 0 -> 1 over epochs 0-40, loss x10/x20); "
+                        "fix: main_loss_ratio*KD + new_loss_ratio*ASL (defaults = plain KD)")
+    g.add_argument("--temperature", type=float, default=40.0, help="KD temperature T")
+    g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
+                   help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
+                        "were tuned on; batchmean: the textbook per-sample KL")
+    g.add_argument("--eps", type=float, default=0.1, help="ASL's eps where the teacher's neuron is exactly 0")
+    g.add_argument("--main_loss_ratio", type=float, default=1.0, help="KD weight with --ratio_type fix")
+    g.add_argument("--new_loss_ratio", type=float, default=0.0, help="ASL weight with --ratio_type fix")
+    g.add_argument("--select_from", type=int, default=50,
+                   help="the result is taken at the epoch >= this with the lowest mean KD loss "
+                        "(over all epochs when the run is shorter)")
+
+    g = p.add_argument_group("Optimisation")
+    g.add_argument("--opt_type", default="SGD", choices=["SGD", "Adam"])
+    g.add_argument("--opt_lr", type=float, default=1e-3, help="learning rate (the loss multiplier of 10/20 "
+                                                              "in scheduler mode acts on top of it under SGD)")
+    g.add_argument("--opt_mo", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--epoch", type=int, default=300, help="training epochs")
+    g.add_argument("--lr_drop", default="auto", choices=["auto", "on", "off"],
+                   help="drop the lr once the epoch's mean KD loss reaches --lr_drop_kd; auto = on for 50,000+ images")
+    g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
+    g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
+
+    g = p.add_argument_group("Output")
+    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
+                                                     "a folder that already holds files is refused")
+    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
+    g.add_argument("--demo", action="store_true",
+                   help="run the whole story offline on synthetic data: train an ADBA teacher, distil it "
+                        "with KD and with ASD, print one table")
+
+    add_system_args(p)
+    return p
+
+
+def check_args(args):
+    """Range checks argparse cannot express; a UserError names the flag."""
+    from helper.errors import UserError
+    for name in ("batch_size", "epoch", "eval_batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if getattr(args, "temperature", 1) <= 0:
+        raise UserError(f"--temperature must be positive, not {args.temperature}")
+    if getattr(args, "width", None) is not None and args.width < 1:
+        raise UserError(f"--width must be at least 1, not {args.width}")
+    return args

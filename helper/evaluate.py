@@ -1,0 +1,58 @@
+"""Clean accuracy and attack success rate on the teacher's test set (SPEC sections 1 and 7)."""
+from dataclasses import dataclass
+
+import torch
+
+from helper.data import to_float
+from helper.system import autocast
+from helper.trigger import apply_trigger
+
+
+@dataclass
+class EvalSet:
+    """The test set held on the device: clean uint8 images, labels, and the triggered images blended once."""
+    clean: torch.Tensor      # uint8 (N,3,32,32)
+    labels: torch.Tensor     # int64 (N,)
+    triggered: torch.Tensor  # float (N,3,32,32) in [0,1]
+    target: int
+
+    @classmethod
+    def build(cls, split, pattern, mask, target, device, batch_size=2000):
+        clean = split.x.to(device)
+        pattern, mask = pattern.to(device), mask.to(device)
+        triggered = torch.cat([apply_trigger(to_float(clean[i:i + batch_size]), pattern, mask)
+                               for i in range(0, len(clean), batch_size)]) if len(clean) else clean.float()
+        return cls(clean, split.y.to(device), triggered, int(target))
+
+
+@torch.inference_mode()
+def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
+    """Predicted labels of a float or uint8 image tensor, in large batches, under inference mode."""
+    device = images.device
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size]
+        x = to_float(x) if x.dtype == torch.uint8 else x
+        with autocast(device, amp):
+            out.append(model(x.contiguous(memory_format=memory_format)).argmax(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
+    """``{'acc', 'asr', 'asr_nontarget'}`` of a model, in eval mode, with one host sync.
+
+    ``asr`` is the share of all triggered test images classified as the target (the paper's number,
+    about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
+    (BackdoorBench's definition).
+    """
+    was_training = model.training
+    model.eval()
+    clean_pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
+    trig_pred = predict(model, eval_set.triggered, batch_size, amp, memory_format)
+    model.train(was_training)
+    hit = trig_pred == eval_set.target
+    nontarget = eval_set.labels != eval_set.target
+    counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum()])
+    correct, hits, hits_nt, n_nt = counts.tolist()
+    n = max(len(eval_set.labels), 1)
+    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1)}

@@ -1,0 +1,54 @@
+"""The weight schedule of ASD and the learning-rate drop (SPEC sections 5 and 6)."""
+
+RATIO_TYPES = ("scheduler", "fix")
+
+
+def asd_ratio(epoch):
+    """lambda of ``L = lambda * KD + (1 - lambda) * ASL`` at a 0-based epoch ("scheduler" mode).
+
+    0 for epochs 0-9, 0.9 for 10-19, linear from 0.9 to 1.0 over 20-40, 1 from 40 on:
+    piecewise-linear through (0,0) (10,0) (10,0.9) (20,0.9) (40,1.0).
+    """
+    if epoch < 10:
+        return 0.0
+    if epoch < 20:
+        return 0.9
+    if epoch < 40:
+        return 0.9 + 0.1 * (epoch - 20) / 20
+    return 1.0
+
+
+def loss_weights(epoch, ratio_type, main_loss_ratio=1.0, new_loss_ratio=0.0):
+    """(kd weight, asl weight) of the total loss at an epoch, the loss multiplier folded in.
+
+    "scheduler": (lambda, 1 - lambda) times 10 before epoch 20 and 20 after (the public code's
+    multiplier, a learning-rate factor under SGD). "fix": (main_loss_ratio, new_loss_ratio), multiplier 1;
+    the defaults 1 and 0 are plain KD.
+    """
+    if ratio_type == "scheduler":
+        lam = asd_ratio(epoch)
+        multiplier = 10.0 if epoch < 20 else 20.0
+        return lam * multiplier, (1.0 - lam) * multiplier
+    if ratio_type == "fix":
+        return float(main_loss_ratio), float(new_loss_ratio)
+    raise ValueError(f"ratio_type must be one of {RATIO_TYPES}, not {ratio_type!r}")
+
+
+class LrDrop:
+    """Drop the learning rate to ``to_lr`` once, after the first epoch whose mean KD loss is <= ``threshold``."""
+
+    def __init__(self, optimizer, threshold=1.0, to_lr=1e-4, enabled=True):
+        self.optimizer, self.threshold, self.to_lr, self.enabled = optimizer, threshold, to_lr, enabled
+        self.dropped_at = None
+
+    def step(self, epoch, kd_mean):
+        if self.enabled and self.dropped_at is None and kd_mean <= self.threshold:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.to_lr
+            self.dropped_at = epoch
+            return True
+        return False
+
+    @property
+    def lr(self):
+        return self.optimizer.param_groups[0]["lr"]

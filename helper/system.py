@@ -1,0 +1,60 @@
+"""Device, precision and seeding, decided once per run and passed to everything else."""
+import contextlib
+import random
+import subprocess
+
+import numpy as np
+import torch
+
+from helper.errors import UserError
+
+
+def select_device(name="auto"):
+    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def amp_dtype(device, amp="auto"):
+    """The autocast dtype, or None for plain fp32: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def autocast(device, dtype):
+    """An autocast context for ``dtype``, or a no-op for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def memory_format(device):
+    """channels_last on CUDA, where cuDNN's convolutions run fastest in it."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def configure(device, seed):
+    """Seed Python, NumPy and torch; let cuDNN pick its fastest kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def git_revision():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
