@@ -1,6 +1,7 @@
 """Reading and writing model checkpoints. Checkpoints are untrusted: every load is ``weights_only=True``."""
 import os
 import pickle
+import re
 
 import torch
 
@@ -14,9 +15,12 @@ def _safe_load(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refused to load {path}: it is not a plain tensor file and would run code "
-                        f"when unpickled (weights_only load failed: {first})") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        detail = detail.group(1).strip().split(". ")[0] if detail else str(e).strip().split("\n")[0]
+        if "Unsupported global" in detail:
+            raise UserError(f"refused to load {path}: unpickling it would run code ({detail}); "
+                            f"only plain tensors are accepted") from None
+        raise UserError(f"cannot read {path} as a torch file: {detail}") from None
     except Exception as e:  # truncated or foreign file
         raise UserError(f"cannot read {path} as a torch file: {type(e).__name__}: {e}") from None
 

@@ -1,0 +1,167 @@
+"""End-to-end runs of distri.py and distri_dsextend.py on synthetic data with a narrow model, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distri
+from tests.conftest import fast_flags, write_teacher_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget"}
+RESULT_KEYS = {"acc", "asr", "asr_nontarget", "best_epoch", "kd_loss", "teacher_acc", "teacher_asr"}
+
+
+def _read_run(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    results = json.load(open(os.path.join(out, "results.json")))
+    args = json.load(open(os.path.join(out, "args.json")))
+    return rows, results, args
+
+
+def test_asd_run_writes_every_output(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "asd"
+    results = distri.main(fast_flags(teacher_dir, out))
+    rows, saved, args = _read_run(out)
+    assert len(rows) == 2 and LOG_KEYS <= set(rows[0])
+    assert [r["lambda"] for r in rows] == [0.0, 0.0]
+    assert all(r["asl"] is not None and 0 <= r["asl"] <= 4 for r in rows)  # ASL is computed while lambda < 1
+    assert RESULT_KEYS <= set(saved) and saved["best_epoch"] in (0, 1)
+    best = rows[saved["best_epoch"]]
+    assert saved["kd_loss"] == best["kd_loss"] == min(r["kd_loss"] for r in rows)
+    assert saved["acc"] == best["acc"] and saved["asr"] == best["asr"]
+    assert saved == json.loads(json.dumps(results))
+    assert args["ratio_type"] == "scheduler" and args["n_defense"] == 128 and len(args["hooked_layers"]) == 8
+    ck = torch.load(out / "checkpoint.pkl", weights_only=True)
+    assert isinstance(ck, list) and len(ck) == 1 and "layer4.1.conv2.weight" in ck[0]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "selected over all epochs" in printed  # 2 epochs < --select_from 50
+    assert "epoch   1  kd" in printed
+
+
+def test_fix_run_is_plain_kd(teacher_dir, tmp_path):
+    out = tmp_path / "kd"
+    distri.main(fast_flags(teacher_dir, out) + ["--ratio_type", "fix"])
+    rows, saved, args = _read_run(out)
+    assert all(r["asl"] is None and r["lambda"] is None and r["kd_weight"] == 1.0 for r in rows)
+    assert saved["ratio_type"] == "fix"
+
+
+def test_student_and_output_folder_are_a_valid_read_dir(teacher_dir, tmp_path):
+    """The run folder holds checkpoint.pkl, pattern.pt and mask.pt: it can be distilled again."""
+    first = tmp_path / "first"
+    distri.main(fast_flags(teacher_dir, first, epochs=1))
+    distri.main(fast_flags(first, tmp_path / "second", epochs=1))
+    assert torch.equal(torch.load(first / "mask.pt"), torch.load(os.path.join(teacher_dir, "mask.pt")))
+
+
+def test_read_dir_variable_is_the_default(teacher_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(distri, "read_dir", teacher_dir)
+    flags = fast_flags(teacher_dir, tmp_path / "r", epochs=1)[2:]  # drop --read_dir
+    distri.main(flags)
+    assert json.load(open(tmp_path / "r" / "args.json"))["read_dir"] == teacher_dir
+
+
+def test_fresh_student_and_selection_from_epoch(teacher_dir, tmp_path):
+    out = tmp_path / "fresh"
+    distri.main(fast_flags(teacher_dir, out, epochs=3) + ["--using_checkpoint", "0", "--select_from", "1"])
+    rows, saved, _ = _read_run(out)
+    assert saved["select_from"] == 1 and saved["best_epoch"] >= 1
+    assert saved["kd_loss"] == min(r["kd_loss"] for r in rows[1:])
+
+
+def test_dsextend_uses_train_plus_test(teacher_dir, tmp_path):
+    out = tmp_path / "ext"
+    flags = fast_flags(teacher_dir, out, epochs=2)
+    flags.remove("--subset_rate")
+    flags.remove("0.5")
+    proc = subprocess.run([sys.executable, "distri_dsextend.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    _, saved, args = _read_run(out)
+    assert args["finetune_extend"] and args["subset_rate"] == 1.0
+    assert saved["n_defense"] == 256 + 128
+
+
+def test_lr_drop_on_when_forced(teacher_dir, tmp_path):
+    out = tmp_path / "drop"
+    distri.main(fast_flags(teacher_dir, out) + ["--lr_drop", "on", "--lr_drop_kd", "1e9", "--lr_drop_to", "1e-5"])
+    rows, saved, _ = _read_run(out)
+    assert saved["lr_dropped_at"] == 0 and [r["lr"] for r in rows] == [1e-3, 1e-5]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit code 2
+
+def _fails(flags, capsys, match):
+    with pytest.raises(SystemExit) as e:
+        distri.main(flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_read_dir(tmp_path, capsys):
+    err = _fails(fast_flags(tmp_path / "nowhere", tmp_path / "o"), capsys, "read_dir not found")
+    assert err.count("\n") == 0
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_mask(teacher_dir, tmp_path, capsys):
+    os.remove(os.path.join(teacher_dir, "mask.pt"))
+    _fails(fast_flags(teacher_dir, tmp_path / "o"), capsys, "mask file not found")
+
+
+def test_wrong_pattern_shape(teacher_dir, tmp_path, capsys):
+    torch.save(torch.rand(3, 16, 16), os.path.join(teacher_dir, "pattern.pt"))
+    _fails(fast_flags(teacher_dir, tmp_path / "o"), capsys, "pattern.pt has shape (3, 16, 16), expected (3, 32, 32)")
+
+
+def test_checkpoint_not_fitting(teacher_dir, tmp_path, capsys):
+    sd = torch.load(os.path.join(teacher_dir, "checkpoint.pkl"), weights_only=True)[0]
+    sd["layer1.0.conv2.weight"] = torch.zeros(4, 4, 1, 1)
+    torch.save([sd], os.path.join(teacher_dir, "checkpoint.pkl"))
+    _fails(fast_flags(teacher_dir, tmp_path / "o"), capsys, "layer1.0.conv2.weight: (4, 4, 1, 1) vs model (4, 4, 3, 3)")
+
+
+def test_width_flag_disagreeing_with_checkpoint(teacher_dir, tmp_path, capsys):
+    _fails(fast_flags(teacher_dir, tmp_path / "o") + ["--width", "64"], capsys, "width-4 ResNet18")
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5"])
+def test_subset_rate_out_of_range(teacher_dir, tmp_path, capsys, rate):
+    _fails(fast_flags(teacher_dir, tmp_path / "o") + ["--subset_rate", rate], capsys, "must be in (0, 1]")
+
+
+def test_unknown_dataset(teacher_dir, tmp_path, capsys):
+    _fails(fast_flags(teacher_dir, tmp_path / "o") + ["--finetunedata", "imagenet"], capsys, "unknown dataset 'imagenet'")
+
+
+def test_existing_run_is_never_overwritten(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "results.json").write_text("precious")
+    _fails(fast_flags(teacher_dir, out), capsys, "already holds files")
+    assert (out / "results.json").read_text() == "precious"
+
+
+def test_non_finite_loss_stops_and_keeps_what_was_written(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "nan"
+    _fails(fast_flags(teacher_dir, out, epochs=5) + ["--ratio_type", "fix", "--opt_lr", "1e30"], capsys,
+           "non-finite loss at epoch")
+    rows, saved, _ = _read_run(out)
+    assert 1 <= len(rows) < 5 and saved["stopped"].startswith("non-finite loss")
+    assert (out / "args.json").exists() and not (out / "checkpoint.pkl").exists()
+
+
+def test_help_groups_flags():
+    proc = subprocess.run([sys.executable, "distri.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for group in ("Data:", "Model:", "Distillation:", "Optimisation:", "Output:", "System:"):
+        assert group in proc.stdout
+    for flag in ("--finetune_in_out", "--thresh_mask", "--using_checkpoint", "--select_from", "--lr_drop_kd"):
+        assert flag in proc.stdout
