@@ -38,12 +38,12 @@ def add_synthetic_args(group):
 
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(
-        "ASD: Attention Shifting Distillation of a backdoored teacher (use --ratio_type fix for plain KD)",
+        description="ASD: Attention Shifting Distillation of a backdoored teacher (--ratio_type fix: plain KD)",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("Data")
     g.add_argument("--read_dir", default=None,
-                   help="folder with checkpoint.pkl, pattern.pt and mask.pt (default: read_dir at the top of distri.py)")
+                   help="folder with checkpoint.pkl, pattern.pt and mask.pt; when not given, read_dir at the top of distri.py")
     g.add_argument("--dataset", default="cifar10",
                    help="what the teacher was trained on; its test set measures Acc and ASR: "
                         "cifar10, cifar100, synthetic or a path to an .npz file")
@@ -68,7 +68,7 @@ def get_args_parser(add_help=True):
                    help="1: the student starts from the teacher's weights; 0: from fresh weights")
     g.add_argument("--hook_layers", default=",".join(DEFAULT_LAYERS),
                    help="comma-separated module names or globs whose outputs ASL compares "
-                        "(default: conv1 of every residual block, 8 layers)")
+                        "(the default matches conv1 of every residual block: 8 layers)")
 
     g = p.add_argument_group("Distillation")
     g.add_argument("--ratio_type", default="scheduler", choices=RATIO_TYPES,
@@ -120,4 +120,99 @@ def check_args(args):
         raise UserError(f"--temperature must be positive, not {args.temperature}")
     if getattr(args, "width", None) is not None and args.width < 1:
         raise UserError(f"--width must be at least 1, not {args.width}")
+    return args
+
+
+def _unit(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {value}")
+    return value
+
+
+def _nonneg(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value
+
+
+def get_attack_parser(add_help=True):
+    """The parser of adba.py: the ADBA teacher of SPEC section 8. Public-code names kept as aliases."""
+    p = argparse.ArgumentParser(
+        "ADBA: train a backdoored teacher whose learned trigger survives distillation (SPEC section 8)",
+        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    g = p.add_argument_group("Data")
+    g.add_argument("--dataset", default="cifar10",
+                   help="the teacher's task: cifar10 (torchvision, in --data_root), synthetic, or a path to an .npz file")
+    g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
+    g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
+    g.add_argument("--target_label", "--target_label_backdoor", type=int, default=0, help="the backdoor's target class")
+    add_synthetic_args(g)
+
+    g = p.add_argument_group("Model")
+    g.add_argument("--width", type=int, default=64,
+                   help="ResNet18 base width of teacher and shadow (64 is the standard model; 8-16 for a CPU)")
+
+    g = p.add_argument_group("Attack")
+    g.add_argument("--alpha", "--alpha_backdoor", type=_unit, default=0.4,
+                   help="shadow loss = alpha * KD(shadow, teacher) + (1 - alpha) * CE")
+    g.add_argument("--beta", "--beta_backdoor", type=_nonneg, default=0.3,
+                   help="teacher loss = CE(clean) + beta * CE(triggered -> target)")
+    g.add_argument("--miu", "--mu", type=_nonneg, default=0.1,
+                   help="weight of the mask's L1 norm (a sum over its 1024 pixels) in the trigger loss; each step "
+                        "pulls every mask pixel toward 0 by lr * miu: too large and the trigger vanishes")
+    g.add_argument("--mask_max", "--mask_clamp", type=_unit, default=0.3,
+                   help="the mask is clamped to [0, mask_max] after every step (1.0 = the original ADBA's [0, 1])")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature of the shadow's KD term (the public ADBA code's T = 1; the defense distils at 40)")
+    g.add_argument("--kd_reduction", default="batchmean", choices=["mean", "batchmean"],
+                   help="batchmean: per-sample KL, as the public ADBA code's kldiv; mean: KL / (batch x classes)")
+    g.add_argument("--detach_shadow_kd", action="store_true",
+                   help="reproduce the public ADBA code: both inputs of the shadow's KD term are detached, so the "
+                        "shadow never learns from the teacher and trains on (1 - alpha) * CE alone")
+    g.add_argument("--poison_rate", type=_rate, default=0.3,
+                   help="consolidation phase: the first poison_rate of every batch carries the trigger and the target label")
+    g.add_argument("--consolidation_epochs", type=int, default=None,
+                   help="epochs of the consolidation phase (default: --epochs; 0 skips it)")
+    g.add_argument("--vanish_psnr", type=float, default=50.0,
+                   help="the trigger counts as vanished when no mask pixel exceeds 0.01 or the PSNR between clean "
+                        "and triggered test images is at least this (dB)")
+
+    g = p.add_argument_group("Optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="epochs of the joint teacher / shadow / trigger phase")
+    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of teacher and shadow (the public code's default)")
+    g.add_argument("--trigger_lr", type=float, default=None, help="SGD learning rate of pattern and mask (default: --lr)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the three optimisers")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of teacher and shadow")
+    g.add_argument("--batch_size", type=int, default=128)
+
+    g = p.add_argument_group("Output")
+    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
+                                                     "a folder that already holds files is refused")
+    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+
+    add_system_args(p)
+    return p
+
+
+def check_attack_args(args):
+    """Range checks of adba.py's arguments argparse cannot express; a UserError names the flag."""
+    from helper.errors import UserError
+    for name in ("batch_size", "epochs", "width", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.consolidation_epochs is not None and args.consolidation_epochs < 0:
+        raise UserError(f"--consolidation_epochs must be >= 0, not {args.consolidation_epochs}")
+    for name in ("lr", "temperature"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name} must be positive, not {getattr(args, name)}")
+    if args.trigger_lr is not None and not args.trigger_lr > 0:
+        raise UserError(f"--trigger_lr must be positive, not {args.trigger_lr}")
+    if args.mask_max <= 0:
+        raise UserError("--mask_max must be above 0: a mask clamped to [0, 0] is no trigger")
+    if args.target_label < 0:
+        raise UserError(f"--target_label must be >= 0, not {args.target_label}")
     return args
