@@ -70,6 +70,14 @@ class Distiller:
         self.s_hooks.remove()
 
 
+def conv_weight_norm(model):
+    """L2 norm of all convolution weights. ASL's gradient grows as 1/|s| and can inflate it many times over;
+    behind batch-norm a larger norm means a smaller effective learning rate, so this explains slow recovery."""
+    with torch.no_grad():
+        norms = [m.weight.float().norm() ** 2 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        return torch.stack(norms).sum().sqrt().item()
+
+
 def make_optimizer(params, args):
     if args.opt_type == "SGD":
         return torch.optim.SGD(params, lr=args.opt_lr, momentum=args.opt_mo, weight_decay=args.weight_decay)
@@ -181,7 +189,7 @@ def run(args, out=print):
             metrics = evaluate(student, eval_set, **eval_kw)
             lam = asd_ratio(epoch) if args.ratio_type == "scheduler" else None
             row = {"epoch": epoch, **stats, "lambda": lam, "kd_weight": kd_w, "asl_weight": asl_w, "lr": lr,
-                   **metrics, "time_s": round(time.time() - start, 3)}
+                   **metrics, "conv_weight_norm": conv_weight_norm(student), "time_s": round(time.time() - start, 3)}
             append_jsonl(log_path, row)
             rows.append(row)
             if not math.isfinite(stats["kd_loss"]) or (stats["asl"] is not None and not math.isfinite(stats["asl"])):

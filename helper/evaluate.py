@@ -56,3 +56,17 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     correct, hits, hits_nt, n_nt = counts.tolist()
     n = max(len(eval_set.labels), 1)
     return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1)}
+
+
+def target_rate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
+    """Share of clean non-target test images a model classifies as the target: the bias an ASR is measured against.
+
+    A triggered image that equals the clean one (a vanished trigger) scores ``asr_nontarget`` equal to this.
+    """
+    was_training = model.training
+    model.eval()
+    pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
+    model.train(was_training)
+    nontarget = eval_set.labels != eval_set.target
+    hits, n = torch.stack([((pred == eval_set.target) & nontarget).sum(), nontarget.sum()]).tolist()
+    return hits / max(n, 1)

@@ -1,4 +1,6 @@
 """Figures of a run, drawn from what it logged (never shown, only saved)."""
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -31,6 +33,76 @@ def plot_curves(rows, path, title="", best_epoch=None):
     ax_metric.set_xlabel("epoch")
     ax_metric.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_attack_curves(rows, path, title=""):
+    """adba.py's log: losses; teacher and shadow Acc/ASR; mask L1 and share of trigger pixels; PSNR and SSIM."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    ax = axes[0]
+    for key, label in (("teacher_loss", "teacher"), ("shadow_loss", "shadow"), ("trigger_loss", "trigger")):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label)
+    ax.set_yscale("log")
+    ax.set_title("losses (log scale)")
+    ax = axes[1]
+    for key, label, style in (("acc", "teacher Acc", "C0-"), ("asr", "teacher ASR", "C1-"),
+                              ("shadow_acc", "shadow Acc", "C0--"), ("shadow_asr", "shadow ASR", "C1--")):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("test set")
+    ax = axes[2]
+    ax.plot(epochs, [r.get("mask_l1") for r in rows], label="mask L1")
+    ax.set_ylabel("mask L1 (sum)")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r.get("mask_share") for r in rows], "k:", label="share of pixels > 0.01")
+    ax2.set_ylim(-0.02, 1.02)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
+    ax.set_title("mask")
+    ax = axes[3]
+    ax.plot(epochs, [r["psnr"] if isinstance(r.get("psnr"), float) and math.isfinite(r["psnr"]) else float("nan")
+                     for r in rows], label="PSNR (dB)")
+    ax.set_ylabel("PSNR (dB; inf = no trigger, not drawn)")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [r.get("ssim") for r in rows], "k:", label="SSIM")
+    ax2.set_ylim(-0.02, 1.02)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
+    ax.set_title("clean vs triggered")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trigger(pattern, mask, clean, triggered, path):
+    """The pattern, the mask (its own colour scale) and a row of clean / triggered test images; saved as PNG."""
+    n = len(clean)
+    fig, axes = plt.subplots(2, n + 1, figsize=(1.6 * (n + 1), 3.4))
+    axes[0, 0].imshow(pattern.permute(1, 2, 0).clamp(0, 1).numpy())
+    axes[0, 0].set_title("pattern", fontsize=8)
+    im = axes[1, 0].imshow(mask[0].numpy(), cmap="magma", vmin=0)
+    axes[1, 0].set_title(f"mask (max {float(mask.max()):.3f})", fontsize=8)
+    fig.colorbar(im, ax=axes[1, 0], fraction=0.046)
+    for i in range(n):
+        axes[0, i + 1].imshow(clean[i].permute(1, 2, 0).clamp(0, 1).numpy())
+        axes[1, i + 1].imshow(triggered[i].permute(1, 2, 0).clamp(0, 1).numpy())
+    axes[0, 1].set_title("clean", fontsize=8)
+    axes[1, 1].set_title("triggered", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,8 +37,10 @@ def autocast(device, dtype):
 
 
 def memory_format(device):
-    """channels_last on CUDA, where cuDNN's convolutions run fastest in it."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    """channels_last on every device: cuDNN's convolutions run fastest in it, and so do oneDNN's on the CPU
+    (measured by bench.py's author on a 2-core Xeon, width-16 ResNet18, batch 128: a KD step 265 ms
+    contiguous, 207 ms channels_last)."""
+    return torch.channels_last
 
 
 def configure(device, seed):

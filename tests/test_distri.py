@@ -11,7 +11,7 @@ import distri
 from tests.conftest import fast_flags, write_teacher_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget"}
+LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget", "conv_weight_norm"}
 RESULT_KEYS = {"acc", "asr", "asr_nontarget", "best_epoch", "kd_loss", "teacher_acc", "teacher_asr"}
 
 
@@ -165,3 +165,14 @@ def test_help_groups_flags():
         assert group in proc.stdout
     for flag in ("--finetune_in_out", "--thresh_mask", "--using_checkpoint", "--select_from", "--lr_drop_kd"):
         assert flag in proc.stdout
+
+
+def test_conv_weight_norm_sums_every_convolution():
+    from helper.distill import conv_weight_norm
+    from models import resnet18
+    model = resnet18(width=4)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.constant_(m.weight, 0.5)
+    n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv_weight_norm(model) == pytest.approx(0.5 * n_weights ** 0.5, rel=1e-6)

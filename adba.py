@@ -1,0 +1,23 @@
+"""Train an ADBA-backdoored teacher (SPEC section 8) and write the folder distri.py reads.
+
+    python adba.py                                   # the paper's settings on CIFAR-10 (100 + 100 epochs)
+    python adba.py --dataset synthetic --width 8 --epochs 3
+    python adba.py --detach_shadow_kd                # the public ADBA code's shadow (learns from CE alone)
+
+The folder holds checkpoint.pkl (a list holding one state dict), pattern.pt, mask.pt, metrics.json,
+args.json, log.jsonl (one JSON line per epoch), curves.png and trigger.png; then
+``python distri.py --read_dir <folder>``.
+"""
+from helper.cli import get_attack_parser
+from helper.errors import exits_cleanly
+
+
+@exits_cleanly
+def main(argv=None):
+    args = get_attack_parser().parse_args(argv)
+    from helper.attack import run
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""The ADBA attack (SPEC section 8): a backdoored teacher, a shadow student and a learned trigger, trained together.
+
+Per batch of augmented training images, three SGD steps in the order of the public ADBA code:
+
+1. teacher: ``CE(T(x), y) + beta * CE(T(trigger(x)), target)``, the trigger detached;
+2. shadow:  ``alpha * KD(S(x), T(x)) + (1 - alpha) * CE(S(x), y)``, T(x) the teacher's logits of step 1;
+3. trigger (teacher and shadow in eval mode): ``CE(T(trigger(x)), target) + CE(S(trigger(x)), target)
+   + miu * ||mask||_1``, then pattern clamped to [0, 1] and mask to [0, mask_max].
+
+Then the consolidation phase: plain CE on the teacher, the first ``poison_rate`` of every batch carrying
+the trigger and the target label. ``run(args)`` is the whole of ``adba.py``.
+
+The trigger can vanish: ``||mask||_1`` is a sum over the 1024 mask pixels, so its gradient is ``miu`` on
+every positive pixel, and SGD pulls each pixel down by ``lr * miu`` per step wherever the cross-entropy
+gradient on it is weaker. Every epoch logs the mask's L1 norm, the share of pixels above 0.01 and
+PSNR/SSIM between clean and triggered test images; ``trigger_vanished`` says when nothing is left.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from helper import data as D
+from helper.checkpoint import save_checkpoint
+from helper.cli import check_attack_args
+from helper.errors import UserError
+from helper.evaluate import EvalSet, evaluate, target_rate
+from helper.losses import kd_loss
+from helper.metrics import psnr, ssim
+from helper.plot import plot_attack_curves, plot_trigger
+from helper.runlog import append_jsonl, make_run_dir, write_json
+from helper.system import amp_dtype, autocast, configure, git_revision, memory_format, select_device
+from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, save_trigger
+from models import resnet18
+
+TRIGGER_PIXEL = 0.01  # a mask pixel above this counts as part of the trigger
+
+
+# ---------------------------------------------------------------- the trigger
+
+def init_trigger(device, generator=None):
+    """ADBA's start: mask zeros (1,32,32), pattern N(0,1) clamped to [0,1]; both leaf tensors that need grad."""
+    pattern = torch.randn(PATTERN_SHAPE, generator=generator).clamp_(0, 1).to(device).requires_grad_(True)
+    mask = torch.zeros(MASK_SHAPE, device=device, requires_grad=True)
+    return pattern, mask
+
+
+@torch.no_grad()
+def clamp_trigger_(pattern, mask, mask_max=0.3):
+    pattern.clamp_(0, 1)
+    mask.clamp_(0, mask_max)
+
+
+def trigger_vanished(stats, vanish_psnr=50.0):
+    """True when no mask pixel exceeds ``TRIGGER_PIXEL`` or triggered test images are within ``vanish_psnr`` dB of clean.
+
+    Both say the same thing: the triggered image equals the clean one, so an "ASR" measured with it
+    is only the model's bias toward the target class. (PSNR 50 dB is a mean squared change of 1e-5,
+    e.g. one pixel moved by a third of the range; the paper's trigger has 24.46 dB.)
+    """
+    p = stats["psnr"]
+    return stats["mask_share"] == 0 or p is None or not math.isfinite(p) or p >= vanish_psnr
+
+
+@torch.no_grad()
+def trigger_stats(pattern, mask, clean, vanish_psnr=50.0, chunk=1000):
+    """Mask L1 (sum), max and share of pixels above 0.01; PSNR and SSIM between ``clean`` (uint8) and triggered.
+
+    PSNR and SSIM are the means over all of ``clean`` (chunked: batch means weighted by batch size);
+    PSNR is inf where the mask is all zero. ``vanished`` applies ``trigger_vanished``.
+    """
+    pattern, mask = pattern.detach().float(), mask.detach().float()
+    stats = {"mask_l1": mask.abs().sum().item(), "mask_max": mask.max().item(),
+             "mask_share": (mask > TRIGGER_PIXEL).float().mean().item()}
+    total_p = total_s = 0.0
+    n = len(clean)
+    for i in range(0, n, chunk):
+        x = D.to_float(clean[i:i + chunk])
+        xt = apply_trigger(x, pattern.to(x.device), mask.to(x.device)).clamp_(0, 1)
+        total_p += psnr(x, xt) * len(x)
+        total_s += ssim(x, xt) * len(x)
+    stats["psnr"] = total_p / n if n else float("nan")
+    stats["ssim"] = total_s / n if n else float("nan")
+    stats["vanished"] = trigger_vanished(stats, vanish_psnr)
+    return stats
+
+
+# ---------------------------------------------------------------- one step of each phase
+
+class ADBA:
+    """Teacher, shadow, trigger and their three optimisers; ``step`` is one batch of the joint phase.
+
+    ``detach_shadow_kd`` reproduces the public ADBA code, which detaches both inputs of the shadow's
+    KD term: the term then carries no gradient and the shadow trains on ``(1 - alpha) * CE`` alone.
+    """
+
+    def __init__(self, teacher, shadow, pattern, mask, target, alpha=0.4, beta=0.3, miu=0.1, mask_max=0.3,
+                 temperature=1.0, kd_reduction="batchmean", detach_shadow_kd=False, lr=0.01, trigger_lr=None,
+                 momentum=0.9, weight_decay=0.0, amp=None):
+        self.teacher, self.shadow, self.pattern, self.mask = teacher, shadow, pattern, mask
+        self.target, self.alpha, self.beta, self.miu, self.mask_max = int(target), alpha, beta, miu, mask_max
+        self.temperature, self.kd_reduction, self.detach_shadow_kd, self.amp = temperature, kd_reduction, detach_shadow_kd, amp
+        sgd = dict(momentum=momentum, weight_decay=weight_decay)
+        self.opt_teacher = torch.optim.SGD(teacher.parameters(), lr=lr, **sgd)
+        self.opt_shadow = torch.optim.SGD(shadow.parameters(), lr=lr, **sgd)
+        self.opt_trigger = torch.optim.SGD([pattern, mask], lr=lr if trigger_lr is None else trigger_lr, momentum=momentum)
+
+    def triggered(self, x, detach=True):
+        p, m = (self.pattern.detach(), self.mask.detach()) if detach else (self.pattern, self.mask)
+        return apply_trigger(x, p, m)
+
+    def teacher_step(self, x, y):
+        """Step 1; returns (loss, the teacher's clean logits, detached) for the shadow's KD term."""
+        t = self.teacher.train()
+        target = torch.full_like(y, self.target)
+        with autocast(x.device, self.amp):
+            logits = t(x)
+            logits_trig = t(self.triggered(x))  # a separate forward, as the public code (own BN batch statistics)
+        loss = F.cross_entropy(logits.float(), y) + self.beta * F.cross_entropy(logits_trig.float(), target)
+        self.opt_teacher.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_teacher.step()
+        return loss.detach(), logits.detach()
+
+    def shadow_loss(self, x, y, teacher_logits):
+        """Step 2's loss (not stepped): ``alpha * KD + (1 - alpha) * CE``; the KD term, detached or not."""
+        with autocast(x.device, self.amp):
+            s_logits = self.shadow.train()(x)
+        kd_input = s_logits.detach() if self.detach_shadow_kd else s_logits
+        kd = kd_loss(kd_input, teacher_logits, self.temperature, self.kd_reduction)
+        return self.alpha * kd + (1 - self.alpha) * F.cross_entropy(s_logits.float(), y), kd
+
+    def shadow_step(self, x, y, teacher_logits):
+        loss, kd = self.shadow_loss(x, y, teacher_logits)
+        self.opt_shadow.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_shadow.step()
+        return loss.detach(), kd.detach()
+
+    def trigger_step(self, x):
+        """Step 3: both models in eval mode; only pattern and mask get gradients (no weight gradients computed)."""
+        self.teacher.eval()
+        self.shadow.eval()
+        target = torch.full((len(x),), self.target, device=x.device, dtype=torch.long)
+        xm = self.triggered(x, detach=False)
+        with autocast(x.device, self.amp):
+            lt, ls = self.teacher(xm), self.shadow(xm)
+        loss = (F.cross_entropy(lt.float(), target) + F.cross_entropy(ls.float(), target)
+                + self.miu * self.mask.abs().sum())
+        self.opt_trigger.zero_grad(set_to_none=True)
+        self.pattern.grad, self.mask.grad = torch.autograd.grad(loss, [self.pattern, self.mask])
+        self.opt_trigger.step()
+        clamp_trigger_(self.pattern, self.mask, self.mask_max)
+        return loss.detach()
+
+    def step(self, x, y):
+        """One batch of the joint phase: teacher, shadow, trigger; the four losses as device tensors."""
+        loss_t, t_logits = self.teacher_step(x, y)
+        loss_s, kd = self.shadow_step(x, y, t_logits)
+        loss_g = self.trigger_step(x)
+        return torch.stack([loss_t, loss_s, kd, loss_g])
+
+
+def poison_batch(x, y, pattern, mask, target, poison_rate=0.3):
+    """The first ``ceil(poison_rate * batch)`` images of a batch triggered and relabelled to the target (new tensors)."""
+    k = math.ceil(len(x) * poison_rate)
+    return (torch.cat([apply_trigger(x[:k], pattern, mask), x[k:]]),
+            torch.cat([torch.full_like(y[:k], int(target)), y[k:]]))
+
+
+def consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate=0.3, amp=None):
+    """Plain CE on a batch whose first ``ceil(poison_rate * batch)`` images carry the trigger and the target label."""
+    x, y = poison_batch(x, y, pattern, mask, target, poison_rate)
+    with autocast(x.device, amp):
+        logits = teacher.train()(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def _epoch_batches(train, batch_size, generator, mem_format, progress, desc):
+    """Augmented (x, y, batch size) of one epoch, over a seeded permutation; the last batch may be short."""
+    idx_batches = D.batches(len(train), batch_size, generator, train.x.device)
+    for idx in tqdm(idx_batches, leave=False, desc=desc, disable=not progress, file=sys.stdout):
+        yield D.augment(train.x[idx], generator).contiguous(memory_format=mem_format), train.y[idx], len(idx)
+
+
+def train_adba_epoch(adba, train, batch_size, generator, mem_format, progress=True):
+    """One pass of the joint phase; the epoch's mean losses, with one host sync."""
+    sums = torch.zeros(4, device=train.x.device)
+    n = 0
+    for x, y, b in _epoch_batches(train, batch_size, generator, mem_format, progress, "adba batches"):
+        sums += adba.step(x, y) * b
+        n += b
+    loss_t, loss_s, kd, loss_g = (sums / max(n, 1)).tolist()
+    return {"teacher_loss": loss_t, "shadow_loss": loss_s, "shadow_kd": kd, "trigger_loss": loss_g}
+
+
+def consolidate_epoch(teacher, optimizer, train, pattern, mask, target, poison_rate, batch_size, generator,
+                      mem_format, amp=None, progress=True):
+    total = torch.zeros((), device=train.x.device)
+    n = 0
+    for x, y, b in _epoch_batches(train, batch_size, generator, mem_format, progress, "consolidation batches"):
+        total += consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate, amp) * b
+        n += b
+    return {"teacher_loss": total.item() / max(n, 1)}
+
+
+# ---------------------------------------------------------------- the run
+
+def load_data(args):
+    """(train, test, num_classes) of the attack's dataset, checked against --target_label."""
+    train, test = D.load_splits(args.dataset, data_root=args.data_root, role="task", download=not args.no_download,
+                                synthetic_seed=args.synthetic_seed, synthetic_train=args.synthetic_train,
+                                synthetic_test=args.synthetic_test)
+    if len(train) < 2 or len(test) < 1:
+        raise UserError(f"{args.dataset} has {len(train)} training and {len(test)} test images; the attack needs "
+                        f"at least 2 and 1")
+    num_classes = D.NUM_CLASSES.get(args.dataset, int(max(train.y.max(), test.y.max())) + 1)
+    if int(train.y.min()) < 0:
+        raise UserError(f"{args.dataset} has negative labels")
+    if args.target_label >= num_classes:
+        raise UserError(f"--target_label {args.target_label} is not a class of {args.dataset} ({num_classes} classes)")
+    return train, test, num_classes
+
+
+def _fmt(m, vanished):
+    asr = f"asr {m['asr']:.4f}  asr_nt {m['asr_nontarget']:.4f}"
+    return f"acc {m['acc']:.4f}  " + (f"[{asr}: no trigger, a bias only]" if vanished else asr)
+
+
+def run(args, out=print):
+    """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
+    check_attack_args(args)
+    device = select_device(args.device)
+    configure(device, args.seed)
+    amp, mem_format = amp_dtype(device, args.amp), memory_format(device)
+    train, test, num_classes = load_data(args)
+    consolidation_epochs = args.epochs if args.consolidation_epochs is None else args.consolidation_epochs
+
+    out_dir = make_run_dir(args.output_dir, name="adba" + (f"-{args.msg}" if args.msg else ""))
+    meta = {"git": git_revision(), "torch": torch.__version__, "device": str(device),
+            "amp": str(amp).replace("torch.", "") if amp else "fp32", "n_train": len(train), "n_test": len(test),
+            "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
+    write_json(os.path.join(out_dir, "args.json"), {**vars(args), **meta})
+    out(f"run folder: {out_dir}")
+    out(f"device {device} ({meta['amp']}), width {args.width}, {len(train)} training and {len(test)} test images, "
+        f"{args.epochs} + {consolidation_epochs} epochs, target {args.target_label}")
+
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    teacher = resnet18(num_classes, args.width).to(device, memory_format=mem_format)
+    shadow = resnet18(num_classes, args.width).to(device, memory_format=mem_format)
+    pattern, mask = init_trigger(device, cpu_gen)
+    adba = ADBA(teacher, shadow, pattern, mask, args.target_label, args.alpha, args.beta, args.miu, args.mask_max,
+                args.temperature, args.kd_reduction, args.detach_shadow_kd, args.lr, args.trigger_lr, args.momentum,
+                args.weight_decay, amp)
+    train, test_x = train.to(device), test.x.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eval_kw = dict(batch_size=args.eval_batch_size, amp=amp, memory_format=mem_format)
+    progress = not args.no_progress
+    log_path = os.path.join(out_dir, "log.jsonl")
+    rows, warned = [], False
+    start = time.time()
+
+    def evaluate_epoch(epoch, phase, losses, with_shadow):
+        nonlocal warned
+        p, m = pattern.detach(), mask.detach()
+        stats = trigger_stats(p, m, test_x, args.vanish_psnr)
+        eval_set = EvalSet.build(test, p, m, args.target_label, device)
+        t_metrics = evaluate(teacher, eval_set, **eval_kw)
+        row = {"epoch": epoch, "phase": phase, **losses, **t_metrics}
+        line = f"{phase} epoch {epoch:3d}  teacher {_fmt(t_metrics, stats['vanished'])}"
+        if with_shadow:
+            s_metrics = evaluate(shadow, eval_set, **eval_kw)
+            row.update({f"shadow_{k}": v for k, v in s_metrics.items()})
+            line += f"  | shadow {_fmt(s_metrics, stats['vanished'])}"
+        row.update(stats, time_s=round(time.time() - start, 3))
+        append_jsonl(log_path, row)
+        rows.append(row)
+        tqdm.write(line + f"  | mask L1 {stats['mask_l1']:.3f} share>0.01 {stats['mask_share']:.3f} "
+                          f"psnr {stats['psnr']:.2f} ssim {stats['ssim']:.4f}")
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"non-finite {', '.join(bad)} at {phase} epoch {epoch}; stopped, what was written is kept "
+                            f"in {out_dir} (try a smaller --lr)")
+        if stats["vanished"] and not warned:
+            tqdm.write(f"WARNING: the trigger has vanished (mask L1 {stats['mask_l1']:.4f}, max pixel "
+                       f"{stats['mask_max']:.4f}, PSNR {stats['psnr']:.1f} dB): triggered images equal clean ones; "
+                       f"lower --miu or raise --trigger_lr")
+            warned = True
+        return row
+
+    bar = tqdm(range(args.epochs), desc="adba epochs", file=sys.stdout, disable=not progress)
+    for epoch in bar:
+        losses = train_adba_epoch(adba, train, args.batch_size, generator, mem_format, progress)
+        evaluate_epoch(epoch, "adba", losses, with_shadow=True)
+    bar.close()
+    phase1 = {k: rows[-1][k] for k in ("acc", "asr", "asr_nontarget")}
+    p, m = pattern.detach().clone(), mask.detach().clone()
+
+    bar = tqdm(range(consolidation_epochs), desc="consolidation epochs", file=sys.stdout, disable=not progress)
+    for epoch in bar:
+        losses = consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label, args.poison_rate,
+                                   args.batch_size, generator, mem_format, amp, progress)
+        evaluate_epoch(args.epochs + epoch, "consolidation", losses, with_shadow=False)
+    bar.close()
+    train_time = time.time() - start
+
+    metrics = _final_metrics(teacher, shadow, test, p, m, args, device, eval_kw, rows, phase1, train_time)
+    save_checkpoint(teacher, os.path.join(out_dir, "checkpoint.pkl"))
+    save_checkpoint(shadow, os.path.join(out_dir, "shadow.pkl"))
+    save_trigger(out_dir, p, m)
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    plot_attack_curves(rows, os.path.join(out_dir, "curves.png"), f"ADBA, width {args.width}, {args.dataset}")
+    shown = test.x[:8].to(device)
+    plot_trigger(p.cpu(), m.cpu(), D.to_float(shown).cpu(), apply_trigger(D.to_float(shown), p, m).cpu(),
+                 os.path.join(out_dir, "trigger.png"))
+    _report(metrics, args.target_label, out_dir, out)
+    return metrics
+
+
+def _final_metrics(teacher, shadow, test, pattern, mask, args, device, eval_kw, rows, phase1, train_time):
+    stats = trigger_stats(pattern, mask, test.x.to(device), args.vanish_psnr)
+    eval_set = EvalSet.build(test, pattern, mask, args.target_label, device)
+    t, s = evaluate(teacher, eval_set, **eval_kw), evaluate(shadow, eval_set, **eval_kw)
+    metrics = {**t, "target_rate_clean": target_rate(teacher, eval_set, **eval_kw),
+               **{f"shadow_{k}": v for k, v in s.items()},
+               "shadow_target_rate_clean": target_rate(shadow, eval_set, **eval_kw),
+               "psnr": stats["psnr"], "ssim": stats["ssim"], "mask_l1": stats["mask_l1"],
+               "mask_max": stats["mask_max"], "mask_share": stats["mask_share"],
+               "trigger_vanished": stats["vanished"], "phase1": phase1,
+               "epochs": args.epochs, "consolidation_epochs": len(rows) - args.epochs,
+               "train_time_s": round(train_time, 2)}
+    if stats["vanished"]:
+        metrics["note"] = ("the trigger vanished: triggered images equal clean ones, so asr measures only the "
+                           "models' bias toward the target class, not a backdoor")
+    return metrics
+
+
+def _report(m, target, out_dir, out):
+    out(f"trigger: mask L1 {m['mask_l1']:.3f}, max {m['mask_max']:.3f}, share of pixels > {TRIGGER_PIXEL} "
+        f"{m['mask_share']:.3f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+    if m["trigger_vanished"]:
+        out("TRIGGER VANISHED: the mask is (almost) zero and triggered images equal clean ones. There is no backdoor "
+            f"to measure: the teacher's 'asr' {m['asr']:.4f} is its bias toward class {target} "
+            f"(clean non-target images sent to the target: {m['target_rate_clean']:.4f}).")
+        out(f"teacher acc {m['acc']:.4f}; shadow acc {m['shadow_acc']:.4f}")
+    else:
+        out(f"teacher: acc {m['acc']:.4f}  asr {m['asr']:.4f}  asr_nontarget {m['asr_nontarget']:.4f}  "
+            f"(clean non-target images sent to the target: {m['target_rate_clean']:.4f})")
+        out(f"shadow:  acc {m['shadow_acc']:.4f}  asr {m['shadow_asr']:.4f}  "
+            f"asr_nontarget {m['shadow_asr_nontarget']:.4f}")
+    out(f"written to {out_dir} (train time {m['train_time_s']:.0f} s); distil it with: "
+        f"python distri.py --read_dir {out_dir}")
