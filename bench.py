@@ -23,7 +23,7 @@ from helper import data as D
 from helper import profile as P
 from helper.cli import add_system_args
 from helper.reference import ReferenceStep
-from helper.system import amp_dtype, configure, memory_format, select_device
+from helper.system import amp_dtype, configure, eval_batch_size, memory_format, select_device
 
 
 def get_args_parser():
@@ -56,6 +56,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
+    eval_bs = eval_batch_size(device, args.eval_batch_size)
     configure(device, args.seed)
     amp, fmt = amp_dtype(device, args.amp), memory_format(device)
     width = args.width or (64 if device.type == "cuda" else 16)
@@ -96,7 +97,7 @@ def main(argv=None):
         ref.close()
 
     eval_set = P.synthetic_eval_set(args.eval_images, device, args.seed)
-    eval_img_s = measure("eval", lambda: P.eval_throughput(student, eval_set, args.eval_batch_size, amp, fmt))
+    eval_img_s = measure("eval", lambda: P.eval_throughput(student, eval_set, eval_bs, amp, fmt))
 
     result = {"device": name, "torch": torch.__version__, "width": width, "batch_size": bs,
               "asd_img_s": round(asd_img_s, 2), "kd_img_s": round(kd_img_s, 2),
@@ -120,8 +121,8 @@ def main(argv=None):
         prof_images = D.synthetic_split("ood", args.profile_images, "train", args.seed + 1).x.to(device)
         prof_eval = P.synthetic_eval_set(args.profile_eval_images, device, args.seed)
         d = P.make_distiller(teacher, P.models(width, device, fmt, args.seed)[1], amp, args.compile)
-        P.profile_epoch(d, warm, prof_eval, bs, P.ASD_WEIGHTS, fmt, args.eval_batch_size)  # warm-up
-        times = P.profile_epoch(d, prof_images, prof_eval, bs, P.ASD_WEIGHTS, fmt, args.eval_batch_size)
+        P.profile_epoch(d, warm, prof_eval, bs, P.ASD_WEIGHTS, fmt, eval_bs)  # warm-up
+        times = P.profile_epoch(d, prof_images, prof_eval, bs, P.ASD_WEIGHTS, fmt, eval_bs)
         d.close()
         total = sum(times.values())
         print(f"profile of one ASD epoch: {args.profile_images} images, evaluation of 2 x {args.profile_eval_images} "

@@ -33,7 +33,7 @@ from helper.losses import kd_loss
 from helper.metrics import psnr, ssim
 from helper.plot import plot_attack_curves, plot_trigger
 from helper.runlog import append_jsonl, make_run_dir, write_json
-from helper.system import amp_dtype, autocast, configure, git_revision, memory_format, select_device
+from helper.system import amp_dtype, autocast, configure, eval_batch_size, git_revision, memory_format, select_device
 from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, save_trigger
 from models import resnet18
 
@@ -262,7 +262,7 @@ def run(args, out=print):
                 args.weight_decay, amp)
     train, test_x = train.to(device), test.x.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    eval_kw = dict(batch_size=args.eval_batch_size, amp=amp, memory_format=mem_format)
+    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
     progress = not args.no_progress
     log_path = os.path.join(out_dir, "log.jsonl")
     rows, warned = [], False

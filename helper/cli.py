@@ -25,7 +25,9 @@ def add_system_args(parser):
                         "Losses are always computed in fp32")
     g.add_argument("--compile", action="store_true",
                    help="fuse the losses with torch.compile (worth it on a GPU; off by default, slow to start on CPU)")
-    g.add_argument("--eval_batch_size", type=int, default=1000, help="batch size of evaluation (no gradients: large is fine)")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help="batch size of evaluation under inference mode; default 2000 on CUDA, 256 on CPU "
+                        "(on a 2-core CPU 256 evaluated 1.6x faster than 1000)")
     return g
 
 
@@ -114,7 +116,7 @@ def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
     for name in ("batch_size", "epoch", "eval_batch_size"):
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if getattr(args, "temperature", 1) <= 0:
         raise UserError(f"--temperature must be positive, not {args.temperature}")
@@ -202,7 +204,7 @@ def check_attack_args(args):
     """Range checks of adba.py's arguments argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
     for name in ("batch_size", "epochs", "width", "eval_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.consolidation_epochs is not None and args.consolidation_epochs < 0:
         raise UserError(f"--consolidation_epochs must be >= 0, not {args.consolidation_epochs}")

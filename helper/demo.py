@@ -36,6 +36,10 @@ DEMO = {
 }
 
 
+def _eval_batch_argv(args):
+    return [] if args.eval_batch_size is None else ["--eval_batch_size", str(args.eval_batch_size)]
+
+
 def _attack_argv(args, out_dir, d):
     return ["--dataset", "synthetic", "--synthetic_seed", str(args.synthetic_seed),
             "--synthetic_train", str(d["n_train"]), "--synthetic_test", str(d["n_test"]),
@@ -43,7 +47,7 @@ def _attack_argv(args, out_dir, d):
             "--consolidation_epochs", str(d["consolidation_epochs"]), "--lr", str(d["attack_lr"]),
             "--trigger_lr", str(d["trigger_lr"]), "--miu", str(d["miu"]), "--target_label", str(args.target_label),
             "--seed", str(args.seed), "--device", args.device, "--amp", args.amp,
-            "--eval_batch_size", str(args.eval_batch_size), "--output_dir", out_dir, "--no_progress"]
+            "--output_dir", out_dir, "--no_progress"] + _eval_batch_argv(args)
 
 
 def _distill_argv(args, teacher_dir, out_dir, ratio_type, d):
@@ -53,7 +57,7 @@ def _distill_argv(args, teacher_dir, out_dir, ratio_type, d):
             "--synthetic_test", str(d["n_test"]), "--subset_rate", "1.0", "--ratio_type", ratio_type,
             "--epoch", str(d["distill_epochs"]), "--opt_lr", str(d["distill_lr"]), "--select_from", str(d["select_from"]),
             "--target_label", str(args.target_label), "--seed", str(args.seed), "--device", args.device,
-            "--amp", args.amp, "--eval_batch_size", str(args.eval_batch_size), "--output_dir", out_dir]
+            "--amp", args.amp, "--output_dir", out_dir] + _eval_batch_argv(args)
 
 
 def format_table(rows):

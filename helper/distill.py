@@ -18,7 +18,7 @@ from helper.losses import attention_shifting_loss, kd_loss
 from helper.plot import plot_curves
 from helper.runlog import append_jsonl, make_run_dir, write_json
 from helper.schedule import LrDrop, asd_ratio, loss_weights
-from helper.system import amp_dtype, autocast, configure, git_revision, memory_format, select_device
+from helper.system import amp_dtype, autocast, configure, eval_batch_size, git_revision, memory_format, select_device
 from helper.trigger import load_trigger, save_trigger
 from models import resnet18
 
@@ -165,7 +165,7 @@ def run(args, out=print):
         out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "
             f"the result is selected over all epochs")
 
-    eval_kw = dict(batch_size=args.eval_batch_size, amp=amp, memory_format=mem_format)
+    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
     teacher_metrics = evaluate(teacher, eval_set, **eval_kw)
     init_metrics = evaluate(student, eval_set, **eval_kw)
     out(f"teacher:         acc {teacher_metrics['acc']:.4f}  asr {teacher_metrics['asr']:.4f}  "

@@ -38,6 +38,17 @@ def plot_curves(rows, path, title="", best_epoch=None):
     plt.close(fig)
 
 
+def _with_unit_axis(ax, epochs, values, label, ylabel, unit_values, unit_label):
+    """``values`` on ``ax``, a [0,1] quantity dotted on a twin axis, one legend for both."""
+    ax.plot(epochs, values, label=label)
+    ax.set_ylabel(ylabel)
+    ax2 = ax.twinx()
+    ax2.plot(epochs, unit_values, "k:", label=unit_label)
+    ax2.set_ylim(-0.02, 1.02)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+
+
 def plot_attack_curves(rows, path, title=""):
     """adba.py's log: losses; teacher and shadow Acc/ASR; mask L1 and share of trigger pixels; PSNR and SSIM."""
     epochs = [r["epoch"] for r in rows]
@@ -57,25 +68,13 @@ def plot_attack_curves(rows, path, title=""):
             ax.plot(*zip(*pts), style, label=label)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("test set")
-    ax = axes[2]
-    ax.plot(epochs, [r.get("mask_l1") for r in rows], label="mask L1")
-    ax.set_ylabel("mask L1 (sum)")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [r.get("mask_share") for r in rows], "k:", label="share of pixels > 0.01")
-    ax2.set_ylim(-0.02, 1.02)
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
-    ax.set_title("mask")
-    ax = axes[3]
-    ax.plot(epochs, [r["psnr"] if isinstance(r.get("psnr"), float) and math.isfinite(r["psnr"]) else float("nan")
-                     for r in rows], label="PSNR (dB)")
-    ax.set_ylabel("PSNR (dB; inf = no trigger, not drawn)")
-    ax2 = ax.twinx()
-    ax2.plot(epochs, [r.get("ssim") for r in rows], "k:", label="SSIM")
-    ax2.set_ylim(-0.02, 1.02)
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [l.get_label() for l in lines], fontsize=8)
-    ax.set_title("clean vs triggered")
+    _with_unit_axis(axes[2], epochs, [r.get("mask_l1") for r in rows], "mask L1", "mask L1 (sum)",
+                    [r.get("mask_share") for r in rows], "share of pixels > 0.01")
+    axes[2].set_title("mask")
+    psnr = [r["psnr"] if isinstance(r.get("psnr"), float) and math.isfinite(r["psnr"]) else float("nan") for r in rows]
+    _with_unit_axis(axes[3], epochs, psnr, "PSNR (dB)", "PSNR (dB; inf = no trigger, not drawn)",
+                    [r.get("ssim") for r in rows], "SSIM")
+    axes[3].set_title("clean vs triggered")
     for ax in axes:
         ax.set_xlabel("epoch")
     axes[1].legend(fontsize=8)
