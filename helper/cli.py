@@ -106,7 +106,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
     g.add_argument("--demo", action="store_true",
                    help="run the whole story offline on synthetic data: train an ADBA teacher, distil it "
-                        "with KD and with ASD, print one table")
+                        "with KD and with ASD, print one table. Sizes are fixed in helper/demo.py; --seed, --device, "
+                        "--amp, --output_dir, --msg, --target_label, --synthetic_seed and --eval_batch_size apply")
 
     add_system_args(p)
     return p

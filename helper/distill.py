@@ -159,7 +159,8 @@ def run(args, out=print):
     write_json(os.path.join(out_dir, "args.json"), {**vars(args), **meta})
     save_trigger(out_dir, pattern, mask)
     out(f"run folder: {out_dir}")
-    out(f"device {device} ({meta['amp']}), teacher width {teacher.width}, {len(images)} defense images, "
+    out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['amp']}), teacher width {teacher.width}, "
+        f"{len(images)} defense images, "
         f"{len(eval_set.labels)} test images, hooks on {len(distiller.s_hooks.layers)} layers")
     if select_from != args.select_from:
         out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "
