@@ -56,7 +56,7 @@ def test_student_and_output_folder_are_a_valid_read_dir(teacher_dir, tmp_path):
     first = tmp_path / "first"
     distri.main(fast_flags(teacher_dir, first, epochs=1))
     distri.main(fast_flags(first, tmp_path / "second", epochs=1))
-    assert torch.equal(torch.load(first / "mask.pt"), torch.load(os.path.join(teacher_dir, "mask.pt")))
+    assert torch.equal(torch.load(first / "mask.pt", weights_only=True), torch.load(os.path.join(teacher_dir, "mask.pt"), weights_only=True))
 
 
 def test_read_dir_variable_is_the_default(teacher_dir, tmp_path, monkeypatch):
