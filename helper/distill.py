@@ -216,7 +216,8 @@ def run(args, out=print):
 def _finish(out_dir, rows, results, best, best_state, student, args, lr_drop, start, out=None):
     """Write results.json, the checkpoints and curves.png; print the selected result."""
     if best is not None:
-        results.update({k: best[k] for k in ("acc", "asr", "asr_nontarget", "kd_loss")}, best_epoch=best["epoch"])
+        results.update({k: best[k] for k in ("acc", "asr", "asr_nontarget", "top_class_share", "kd_loss")},
+                       best_epoch=best["epoch"])
     if rows:
         results["final"] = {k: rows[-1][k] for k in ("epoch", "acc", "asr", "asr_nontarget", "kd_loss")}
     results.update(lr_dropped_at=lr_drop.dropped_at, epochs_run=len(rows), train_time_s=round(time.time() - start, 2))
@@ -231,5 +232,8 @@ def _finish(out_dir, rows, results, best, best_state, student, args, lr_drop, st
     if out is not None and best is not None:
         out(f"result (epoch {best['epoch']}, lowest KD loss {best['kd_loss']:.4f} from epoch {results['select_from']}): "
             f"acc {best['acc']:.4f}  asr {best['asr']:.4f}  asr_nontarget {best['asr_nontarget']:.4f}")
+        if best.get("top_class_share", 0) >= 0.99:
+            out(f"warning: at the selected epoch the student gives one class to {best['top_class_share']:.1%} of the "
+                f"clean test images: its output no longer depends on its input, so its ASR says nothing about the backdoor")
         out(f"written to {out_dir}")
     return results

@@ -39,11 +39,13 @@ def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contig
 
 
 def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
-    """``{'acc', 'asr', 'asr_nontarget'}`` of a model, in eval mode, with one host sync.
+    """``{'acc', 'asr', 'asr_nontarget', 'top_class_share'}`` of a model, in eval mode, with one host sync.
 
     ``asr`` is the share of all triggered test images classified as the target (the paper's number,
     about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
-    (BackdoorBench's definition).
+    (BackdoorBench's definition). ``top_class_share`` is the share of clean test images given the most
+    common predicted class: 1.0 means a model that answers one class whatever its input (an ASR of 0
+    from such a model says nothing about a backdoor).
     """
     was_training = model.training
     model.eval()
@@ -52,10 +54,11 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     model.train(was_training)
     hit = trig_pred == eval_set.target
     nontarget = eval_set.labels != eval_set.target
-    counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum()])
-    correct, hits, hits_nt, n_nt = counts.tolist()
+    top = torch.bincount(clean_pred).max() if len(clean_pred) else clean_pred.new_zeros(())
+    counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum(), top])
+    correct, hits, hits_nt, n_nt, top = counts.tolist()
     n = max(len(eval_set.labels), 1)
-    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1)}
+    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "top_class_share": top / n}
 
 
 def target_rate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):

@@ -176,3 +176,33 @@ def test_conv_weight_norm_sums_every_convolution():
             torch.nn.init.constant_(m.weight, 0.5)
     n_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv_weight_norm(model) == pytest.approx(0.5 * n_weights ** 0.5, rel=1e-6)
+
+
+def test_evaluate_counts_by_hand_and_flags_a_constant_predictor():
+    from helper.evaluate import EvalSet, evaluate
+
+    class Constant(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            out = torch.zeros(len(x), 10)
+            out[:, self.k] = 1
+            return out
+
+    split = type("S", (), {"x": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "y": torch.tensor([0, 1, 2, 2])})
+    ev = EvalSet.build(split, torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0, device="cpu")
+    assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "top_class_share": 1.0}
+    assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "top_class_share": 1.0}
+
+
+def test_dead_student_warning(teacher_dir, tmp_path, capsys):
+    """A teacher whose stem is dead (bn1 weight and bias 0 -> all zeros after ReLU) answers one class."""
+    sd = torch.load(os.path.join(teacher_dir, "checkpoint.pkl"), weights_only=True)[0]
+    sd["bn1.weight"].zero_()
+    sd["bn1.bias"].fill_(-1.0)
+    torch.save([sd], os.path.join(teacher_dir, "checkpoint.pkl"))
+    distri.main(fast_flags(teacher_dir, tmp_path / "dead", epochs=1) + ["--opt_lr", "0"])
+    assert "its output no longer depends on its input" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "dead" / "results.json"))["top_class_share"] == 1.0
