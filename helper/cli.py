@@ -81,6 +81,9 @@ def get_args_parser(add_help=True):
                    help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
                         "were tuned on; batchmean: the textbook per-sample KL")
     g.add_argument("--eps", type=float, default=0.1, help="ASL's eps where the teacher's neuron is exactly 0")
+    g.add_argument("--asl_samples", default="all", choices=["all", "first"],
+                   help="all: ASL over every sample of the batch (the paper's expectation); first: sample 0 of "
+                        "each batch only, as the public code computes it, for comparison with its numbers")
     g.add_argument("--main_loss_ratio", type=float, default=1.0, help="KD weight with --ratio_type fix")
     g.add_argument("--new_loss_ratio", type=float, default=0.0, help="ASL weight with --ratio_type fix")
     g.add_argument("--select_from", type=int, default=50,

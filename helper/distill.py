@@ -31,13 +31,15 @@ class Distiller:
     """
 
     def __init__(self, teacher, student, optimizer, layers, temperature=40.0, kd_reduction="mean", eps=0.1,
-                 amp=None, compile_losses=False):
+                 amp=None, compile_losses=False, asl_samples="all"):
         self.teacher, self.student, self.optimizer = teacher.eval(), student, optimizer
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.t_hooks = FeatureHooks(teacher, layers)
         self.s_hooks = FeatureHooks(student, layers)
         self.temperature, self.kd_reduction, self.eps, self.amp = temperature, kd_reduction, eps, amp
+        # "first": ASL on sample 0 of each batch only, as the public code computes it (SPEC section 9)
+        self.asl_batch = slice(None) if asl_samples == "all" else slice(0, 1)
         self.asl_fn, self.kd_fn = attention_shifting_loss, kd_loss
         if compile_losses:
             self.asl_fn, self.kd_fn = torch.compile(attention_shifting_loss), torch.compile(kd_loss)
@@ -54,7 +56,8 @@ class Distiller:
         asl = None
         if with_asl:
             t_feats, s_feats = self.t_hooks.pop(), self.s_hooks.pop()
-            asl = sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in self.s_hooks.layers) / len(self.s_hooks.layers)
+            b = self.asl_batch
+            asl = sum(self.asl_fn(t_feats[n][b], s_feats[n][b], self.eps) for n in self.s_hooks.layers) / len(self.s_hooks.layers)
         return kd, asl
 
     def step(self, x, kd_weight, asl_weight):
@@ -143,7 +146,7 @@ def run(args, out=print):
         p.requires_grad_(True)
     optimizer = make_optimizer(student.parameters(), args)
     distiller = Distiller(teacher, student, optimizer, layers, args.temperature, args.kd_reduction, args.eps,
-                          amp, args.compile)
+                          amp, args.compile, args.asl_samples)
     eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
     images = defense.x.to(device)
     lr_drop = LrDrop(optimizer, args.lr_drop_kd, args.lr_drop_to,

@@ -206,3 +206,26 @@ def test_dead_student_warning(teacher_dir, tmp_path, capsys):
     distri.main(fast_flags(teacher_dir, tmp_path / "dead", epochs=1) + ["--opt_lr", "0"])
     assert "its output no longer depends on its input" in capsys.readouterr().out
     assert json.load(open(tmp_path / "dead" / "results.json"))["top_class_share"] == 1.0
+
+
+def test_asl_on_first_sample_only_reproduces_the_public_code():
+    from helper.distill import Distiller
+    from helper.features import FeatureHooks
+    from helper.losses import attention_shifting_loss
+    from models import resnet18
+    torch.manual_seed(0)
+    teacher, student = resnet18(width=4).eval(), resnet18(width=4)
+    x = torch.rand(6, 3, 32, 32)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    feats = {}
+    for name, d in (("all", Distiller(teacher, student, opt, ["layer*.*.conv1"])),
+                    ("first", Distiller(teacher, student, opt, ["layer*.*.conv1"], asl_samples="first"))):
+        feats[name] = d.losses(x)[1].item()
+        d.close()
+    with FeatureHooks(teacher) as t, FeatureHooks(student) as s:
+        teacher(x)
+        student(x)
+        expected = sum(attention_shifting_loss(t.features[n][:1], s.features[n][:1]) for n in t.layers) / 8
+    assert feats["first"] == pytest.approx(expected.item(), rel=1e-6)
+    assert feats["first"] != pytest.approx(feats["all"], rel=1e-3)
+
