@@ -229,3 +229,10 @@ def test_asl_on_first_sample_only_reproduces_the_public_code():
     assert feats["first"] == pytest.approx(expected.item(), rel=1e-6)
     assert feats["first"] != pytest.approx(feats["all"], rel=1e-3)
 
+
+
+def test_finetune_in_uses_the_teachers_own_training_set(teacher_dir, tmp_path):
+    """With --finetune_in_out in, --finetunedata is never read: an unknown name there does not matter."""
+    out = tmp_path / "in"
+    distri.main(fast_flags(teacher_dir, out, epochs=1) + ["--finetune_in_out", "in", "--finetunedata", "imagenet"])
+    assert json.load(open(out / "results.json"))["n_defense"] == 128
