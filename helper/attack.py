@@ -33,7 +33,8 @@ from helper.losses import kd_loss
 from helper.metrics import psnr, ssim
 from helper.plot import plot_attack_curves, plot_trigger
 from helper.runlog import append_jsonl, make_run_dir, write_json
-from helper.system import amp_dtype, autocast, configure, eval_batch_size, git_revision, memory_format, select_device
+from helper.system import (amp_dtype, autocast, configure, eval_batch_size, memory_format, run_environment,
+                           select_device)
 from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, save_trigger
 from models import resnet18
 
@@ -245,8 +246,7 @@ def run(args, out=print):
     consolidation_epochs = args.epochs if args.consolidation_epochs is None else args.consolidation_epochs
 
     out_dir = make_run_dir(args.output_dir, name="adba" + (f"-{args.msg}" if args.msg else ""))
-    meta = {"git": git_revision(), "torch": torch.__version__, "device": str(device),
-            "amp": str(amp).replace("torch.", "") if amp else "fp32", "n_train": len(train), "n_test": len(test),
+    meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
             "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
     write_json(os.path.join(out_dir, "args.json"), {**vars(args), **meta})
     out(f"run folder: {out_dir}")

@@ -18,7 +18,8 @@ from helper.losses import attention_shifting_loss, kd_loss
 from helper.plot import plot_curves
 from helper.runlog import append_jsonl, make_run_dir, write_json
 from helper.schedule import LrDrop, asd_ratio, loss_weights
-from helper.system import amp_dtype, autocast, configure, eval_batch_size, git_revision, memory_format, select_device
+from helper.system import (amp_dtype, autocast, configure, eval_batch_size, memory_format, run_environment,
+                           select_device)
 from helper.trigger import load_trigger, save_trigger
 from models import resnet18
 
@@ -155,8 +156,7 @@ def run(args, out=print):
 
     name = ("asd" if args.ratio_type == "scheduler" else "kd") + (f"-{args.msg}" if args.msg else "")
     out_dir = make_run_dir(args.output_dir, name=name)
-    meta = {"git": git_revision(), "torch": torch.__version__, "device": str(device),
-            "amp": str(amp).replace("torch.", "") if amp else "fp32", "n_defense": len(images),
+    meta = {**run_environment(device, amp), "n_defense": len(images),
             "n_test": len(eval_set.labels), "hooked_layers": distiller.s_hooks.layers,
             "teacher_width": teacher.width, "lr_drop_enabled": lr_drop.enabled, "select_from_effective": select_from}
     write_json(os.path.join(out_dir, "args.json"), {**vars(args), **meta})

@@ -13,7 +13,7 @@ import torch
 from helper import data as D
 from helper.distill import Distiller, train_one_epoch
 from helper.evaluate import EvalSet, evaluate
-from helper.reference import ReferenceStep, reference_loader
+from helper.reference import reference_loader
 from helper.system import autocast
 from models import resnet18
 

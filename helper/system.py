@@ -59,6 +59,12 @@ def configure(device, seed):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def run_environment(device, amp):
+    """What every run folder records about where it ran: git revision, torch version, device, precision."""
+    return {"git": git_revision(), "torch": torch.__version__, "device": str(device),
+            "amp": str(amp).replace("torch.", "") if amp else "fp32"}
+
+
 def git_revision():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

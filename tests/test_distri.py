@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import distri
-from tests.conftest import fast_flags, write_teacher_dir
+from tests.conftest import fast_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget", "conv_weight_norm"}
