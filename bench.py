@@ -23,7 +23,7 @@ from helper import data as D
 from helper import profile as P
 from helper.cli import add_system_args
 from helper.reference import ReferenceStep
-from helper.system import amp_dtype, configure, eval_batch_size, memory_format, select_device
+from helper.system import amp_dtype, configure, eval_batch_size, memory_format, select_device, use_compile
 
 
 def get_args_parser():
@@ -34,7 +34,7 @@ def get_args_parser():
     g.add_argument("--batch_size", type=int, default=128)
     g.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
-    g.add_argument("--rounds", type=int, default=2, help="alternating repetitions of the ASD and KD measurements")
+    g.add_argument("--rounds", type=int, default=3, help="alternating repetitions of the ASD and KD measurements")
     g.add_argument("--eval_images", type=int, default=2000,
                    help="clean test images (as many triggered ones are evaluated too); 10000 is the real test set")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference-style loop")
@@ -59,12 +59,13 @@ def main(argv=None):
     eval_bs = eval_batch_size(device, args.eval_batch_size)
     configure(device, args.seed)
     amp, fmt = amp_dtype(device, args.amp), memory_format(device)
+    compiled = use_compile(device, args.compile)
     width = args.width or (64 if device.type == "cuda" else 16)
     bs, steps, warmup = args.batch_size, args.steps, args.warmup
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores"
     print(f"device {device} ({name}), torch {torch.__version__}, width {width}, batch {bs}, "
-          f"{'fp32' if amp is None else str(amp).replace('torch.', '')}, compile {'on' if args.compile else 'off'}")
+          f"{'fp32' if amp is None else str(amp).replace('torch.', '')}, compile {'on' if compiled else 'off'}")
 
     images = D.synthetic_split("ood", (steps + warmup) * bs, "train", args.seed).x
     timed, warm = images[:steps * bs].to(device), images[steps * bs:].to(device)
@@ -79,8 +80,8 @@ def main(argv=None):
             peak[key] = max(peak.get(key, 0), torch.cuda.max_memory_allocated(device) / 2 ** 30)
         return value
 
-    asd = P.make_distiller(teacher, student, amp, args.compile)
-    kd = P.make_distiller(teacher, P.models(width, device, fmt, args.seed)[1], amp, args.compile)
+    asd = P.make_distiller(teacher, student, amp, compiled)
+    kd = P.make_distiller(teacher, P.models(width, device, fmt, args.seed)[1], amp, compiled)
     asd_img_s = kd_img_s = 0.0
     for r in range(args.rounds):
         asd_img_s = max(asd_img_s, measure("asd", lambda: P.loop_throughput(asd, timed, warm, P.ASD_WEIGHTS, bs, fmt, r)))
@@ -120,7 +121,7 @@ def main(argv=None):
     if args.profile:
         prof_images = D.synthetic_split("ood", args.profile_images, "train", args.seed + 1).x.to(device)
         prof_eval = P.synthetic_eval_set(args.profile_eval_images, device, args.seed)
-        d = P.make_distiller(teacher, P.models(width, device, fmt, args.seed)[1], amp, args.compile)
+        d = P.make_distiller(teacher, P.models(width, device, fmt, args.seed)[1], amp, compiled)
         P.profile_epoch(d, warm, prof_eval, bs, P.ASD_WEIGHTS, fmt, eval_bs)  # warm-up
         times = P.profile_epoch(d, prof_images, prof_eval, bs, P.ASD_WEIGHTS, fmt, eval_bs)
         d.close()

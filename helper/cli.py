@@ -23,8 +23,9 @@ def add_system_args(parser):
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast precision of the forward passes; auto = bf16 on CUDA, fp32 on CPU. "
                         "Losses are always computed in fp32")
-    g.add_argument("--compile", action="store_true",
-                   help="fuse the losses with torch.compile (worth it on a GPU; off by default, slow to start on CPU)")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="fuse the losses with torch.compile (falls back to eager with a warning if compiling fails); "
+                        "auto = on for CUDA, off on the CPU (slow to start there); --compile alone = on")
     g.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch size of evaluation under inference mode; default 2000 on CUDA, 256 on CPU "
                         "(on a 2-core CPU 256 evaluated 1.6x faster than 1000)")

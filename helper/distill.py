@@ -1,5 +1,6 @@
 """The distillation run of distri.py: KD or ASD from a frozen backdoored teacher (SPEC sections 4-6)."""
 import copy
+import functools
 import math
 import os
 import sys
@@ -18,8 +19,8 @@ from helper.losses import attention_shifting_loss, kd_loss
 from helper.plot import plot_curves
 from helper.runlog import append_jsonl, make_run_dir, write_json
 from helper.schedule import LrDrop, asd_ratio, loss_weights
-from helper.system import (amp_dtype, autocast, configure, eval_batch_size, memory_format, run_environment,
-                           select_device)
+from helper.system import (CompiledOrEager, amp_dtype, autocast, configure, eval_batch_size, memory_format,
+                           run_environment, select_device, use_compile)
 from helper.trigger import load_trigger, save_trigger
 from models import resnet18
 
@@ -39,11 +40,14 @@ class Distiller:
         self.t_hooks = FeatureHooks(teacher, layers)
         self.s_hooks = FeatureHooks(student, layers)
         self.temperature, self.kd_reduction, self.eps, self.amp = temperature, kd_reduction, eps, amp
-        # "first": ASL on sample 0 of each batch only, as the public code computes it (SPEC section 9)
-        self.asl_batch = slice(None) if asl_samples == "all" else slice(0, 1)
+        # "first": ASL on sample 0 of each batch only, as the public code computes it (SPEC section 9).
+        # "all" takes the features as they are: even a full slice ``x[:]`` would add a SliceBackward whose
+        # gradient is a zero-filled contiguous copy, which costs a fill, a copy and a layout change per layer.
+        self.first_sample_only = asl_samples == "first"
         self.asl_fn, self.kd_fn = attention_shifting_loss, kd_loss
-        if compile_losses:
-            self.asl_fn, self.kd_fn = torch.compile(attention_shifting_loss), torch.compile(kd_loss)
+        if compile_losses:  # ASL: its value-and-gradient kernel is compiled (one fused pass), not the autograd Function
+            self.asl_fn = functools.partial(attention_shifting_loss, compiled=True)
+            self.kd_fn = CompiledOrEager(kd_loss)
 
     def losses(self, x, with_asl=True):
         """Forward both models on ``x``; (KD loss, mean ASL over the hooked layers or None)."""
@@ -57,8 +61,10 @@ class Distiller:
         asl = None
         if with_asl:
             t_feats, s_feats = self.t_hooks.pop(), self.s_hooks.pop()
-            b = self.asl_batch
-            asl = sum(self.asl_fn(t_feats[n][b], s_feats[n][b], self.eps) for n in self.s_hooks.layers) / len(self.s_hooks.layers)
+            if self.first_sample_only:
+                t_feats = {n: f[:1] for n, f in t_feats.items()}
+                s_feats = {n: f[:1] for n, f in s_feats.items()}
+            asl = sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in self.s_hooks.layers) / len(self.s_hooks.layers)
         return kd, asl
 
     def step(self, x, kd_weight, asl_weight):
@@ -147,7 +153,7 @@ def run(args, out=print):
         p.requires_grad_(True)
     optimizer = make_optimizer(student.parameters(), args)
     distiller = Distiller(teacher, student, optimizer, layers, args.temperature, args.kd_reduction, args.eps,
-                          amp, args.compile, args.asl_samples)
+                          amp, use_compile(device, args.compile), args.asl_samples)
     eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
     images = defense.x.to(device)
     lr_drop = LrDrop(optimizer, args.lr_drop_kd, args.lr_drop_to,

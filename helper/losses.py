@@ -2,8 +2,10 @@
 import torch
 import torch.nn.functional as F
 
+from helper.system import CompiledOrEager
 
-def attention_shifting_loss(teacher_feat, student_feat, eps=0.1):
+
+def attention_shifting_loss(teacher_feat, student_feat, eps=0.1, compiled=False):
     """Attention Shifting Loss of one layer (SPEC section 4), the mean over every neuron of the batch.
 
         t' = t / |detach(t)|        where t != 0
@@ -14,44 +16,104 @@ def attention_shifting_loss(teacher_feat, student_feat, eps=0.1):
 
     Same signs give 4 and push ``s`` to the other sign; opposite signs give 0. The teacher is frozen,
     so only ``s'`` carries gradient (d ASL / d s = 2 (1 + t's') t' / |s| / numel where s != 0, and
-    2 t' / numel where s == 0). Computed in fp32 whatever the input dtype, with arithmetic only: no
-    boolean-mask indexing, no host sync, so it fuses under ``torch.compile``.
+    2 t' / numel where s == 0). Computed in fp32 whatever the input dtype, without boolean-mask
+    indexing and without waiting for a device (the CPU kernel reads one scalar per chunk on the host,
+    where there is nothing to wait for).
 
-    Implementation (for speed; the values and gradients are those of the formula): ``t / |t|`` is
-    ``sign(t)`` and ``s / |s|`` is ``sign(s)``, so value and gradient are computed together in one
-    forward pass (``_ASLFunction``), which keeps only the gradient for backward. On the CPU the pass
-    runs in cache-sized chunks of arithmetic ops (``torch.where`` and comparisons are several times
-    slower there than a multiply).
+    Value and gradient are computed together in the forward pass (``_ASLFunction``); backward only
+    scales the stored gradient. Three kernels give the same numbers (tests): ``compiled=True`` fuses
+    the ``torch.where`` formula (``asl_terms``) into one kernel with ``torch.compile``; on a GPU
+    without compile that formula runs as is; on a CPU without compile the formula is rewritten as
+    sign arithmetic in cache-sized chunks (``_asl_terms_chunk``), because eager ``torch.where`` costs
+    there 9-12 times a multiply (measured on a 2-core Xeon).
     """
     if teacher_feat.shape != student_feat.shape:
         raise ValueError(f"teacher and student features differ in shape: "
                          f"{tuple(teacher_feat.shape)} vs {tuple(student_feat.shape)}")
-    return _ASLFunction.apply(teacher_feat.detach().float(), student_feat.float(), float(eps))
+    return _ASLFunction.apply(teacher_feat.detach().float(), student_feat.float(), float(eps), compiled)
 
 
-# Elements per chunk of the CPU forward: 64K fp32 = 256 KiB per temporary, so the temporaries
-# of one chunk stay in L2 instead of streaming each full activation through memory a dozen times.
+def asl_terms(t, s, eps):
+    """``(sum of (1 + t's')^2, d sum / d s / 2)`` over fp32 tensors of one shape, by the formula with ``torch.where``."""
+    ss = torch.sign(s)
+    tp = torch.where(t != 0, torch.sign(t), (ss - 1) * eps)
+    q = 1 + tp * ss
+    return (q * q).sum(), torch.where(s != 0, q * tp / s.abs(), tp)
+
+
+_compiled_asl_terms = None
+
+
+def _fused_asl_terms(t, s, eps):
+    """``asl_terms`` compiled once per process into one fused kernel (eager ``asl_terms`` if compiling fails)."""
+    global _compiled_asl_terms
+    if _compiled_asl_terms is None:
+        _compiled_asl_terms = CompiledOrEager(asl_terms)
+    return _compiled_asl_terms(t, s, eps)
+
+
+# Elements per chunk of the CPU kernel: 64K fp32 = 256 KiB per temporary, so a chunk's temporaries
+# stay in L2 instead of streaming each full activation through memory once per op.
 _CPU_CHUNK = 1 << 16
 
 
-def _asl_chunk(t, s, eps, grad_out, one):
-    """Sum of (1 + t's')^2 over a flat chunk; writes (1 + t's') t' / |s| (t' where s == 0) into ``grad_out``.
+def _asl_terms_chunk(t, s, eps, grad_out, one):
+    """Sum of (1 + t's')^2 over a flat CPU chunk; writes (1 + t's') t' / |s| (t' where s == 0) into ``grad_out``.
 
-    Every select is arithmetic on signs, exact for every case of the formula: ``zt = eps * (1 - sign(t)^2)``
-    is eps where t == 0, so ``t' = sign(t) - zt + zt * sign(s)``; with ``p = t's'``, (1 + p)^2 sums to
-    n + sum(p) + sum(p + p^2); ``zs = 1 - sign(s)^2`` is 1 where s == 0, where ``p + p^2`` is 0, so
-    ``(p + p^2 + zs t') / (s + zs)`` is (1 + t's') t' / |s| where s != 0 and t' where s == 0.
+    Fast case, no ``t * s`` is 0: then ``t' = sign(t)`` and ``s' = sign(s)``, so with ``h = sign(t * s)``
+    the term is (1 + h)^2 = 2 (1 + h) and the gradient (1 + h) t' / |s| = (1 + h) / s: five ops.
+    Whether some ``t * s`` is 0 (an exact zero in t or s, an underflow; NaN counts too) is read on the
+    host, which on the CPU costs no wait; such a chunk goes to ``_asl_terms_chunk_with_zeros``. A trained
+    teacher and student have no zeros there; a student whose units died under ASL has many.
+    Returns ``(sum h, True)`` in the fast case (the caller adds the constant), ``(sum of terms, False)`` otherwise.
+    """
+    h = torch.mul(t, s).sign_()
+    if torch.dot(h, h).item() != h.numel():
+        return _asl_terms_chunk_with_zeros(t, s, eps, grad_out, one), False
+    sum_h = h.sum()
+    torch.div(h.add_(1), s, out=grad_out)
+    return sum_h, True
+
+
+def _asl_terms_chunk_with_zeros(t, s, eps, grad_out, one):
+    """``_asl_terms_chunk`` for any chunk, zeros included, in twelve ops of sign arithmetic (no ``torch.where``).
+
+    ``zt = eps * (1 - sign(t)^2)`` is eps where t == 0, so ``t' = sign(t) - zt + zt * sign(s)``; with
+    ``p = t's'``, (1 + p)^2 sums to n + sum(p) + sum(p + p^2); ``zs = 1 - sign(s)^2`` is 1 where s == 0,
+    where ``p + p^2`` is 0, so ``(p + p^2 + zs t') / (s + zs)`` is (1 + t's') t' / |s| where s != 0 and
+    t' where s == 0.
     """
     ss = torch.sign(s)
     st = torch.sign(t)
-    zt = torch.addcmul(one * eps, st, st, value=-eps)       # eps where t == 0, else 0
+    zt = torch.addcmul(one, st, st, value=-1.0).mul_(eps)   # eps where t == 0, else 0
     tp = torch.addcmul(st.sub_(zt), zt, ss)                 # t'
     p = tp * ss                                             # t's'
     num = torch.addcmul(p, p, p)                            # (1 + t's') t's'
-    value = p.sum() + num.sum() + s.numel()
+    total = p.sum() + num.sum() + p.numel()
     zs = torch.addcmul(one, ss, ss, value=-1.0)             # 1 where s == 0, else 0
     torch.div(num.addcmul_(zs, tp), zs.add_(s), out=grad_out)
-    return value
+    return total
+
+
+def _chunked_asl_terms(t, s, eps):
+    """``asl_terms`` on the CPU: the same two results, chunk by chunk, in ``s``'s memory layout."""
+    grad, t_flat, s_flat, grad_flat = _flat_views(t, s)
+    one = torch.ones((), dtype=s.dtype)
+    fast, with_zeros, n_fast = [], [], 0
+    for i in range(0, s_flat.numel(), _CPU_CHUNK):
+        part, is_fast = _asl_terms_chunk(t_flat[i:i + _CPU_CHUNK], s_flat[i:i + _CPU_CHUNK], eps,
+                                         grad_flat[i:i + _CPU_CHUNK], one)
+        if is_fast:
+            fast.append(part)
+            n_fast += min(_CPU_CHUNK, s_flat.numel() - i)
+        else:
+            with_zeros.append(part)
+    total = torch.zeros((), dtype=s.dtype)
+    if fast:  # sum of 2 (1 + h)
+        total = total + 2 * torch.stack(fast).sum() + 2 * n_fast
+    if with_zeros:
+        total = total + torch.stack(with_zeros).sum()
+    return total, grad
 
 
 def _flat_views(t, s):
@@ -68,25 +130,32 @@ def _flat_views(t, s):
 
 
 class _ASLFunction(torch.autograd.Function):
-    """ASL with its gradient computed in the forward pass; backward is one multiply."""
+    """ASL with its gradient computed in the forward pass; backward scales that gradient in place.
+
+    The gradient buffer is handed to autograd without a copy, so autograd can add the other gradient
+    of the same activation into it in place. It serves one backward: a second backward through the
+    same graph (``retain_graph=True``) raises instead of reusing a scaled buffer.
+    """
 
     @staticmethod
-    def forward(ctx, t, s, eps):
-        grad, t_flat, s_flat, grad_flat = _flat_views(t, s)
-        n = s_flat.numel()
-        one = torch.ones((), dtype=s.dtype, device=s.device)
-        chunk = _CPU_CHUNK if s.device.type == "cpu" and not torch.compiler.is_compiling() else max(n, 1)
-        total = torch.zeros((), dtype=s.dtype, device=s.device)
-        for i in range(0, n, chunk):
-            total = total + _asl_chunk(t_flat[i:i + chunk], s_flat[i:i + chunk], eps, grad_flat[i:i + chunk], one)
-        ctx.save_for_backward(grad)
-        ctx.scale = 2.0 / n if n else float("nan")
+    def forward(ctx, t, s, eps, compiled):
+        if compiled:
+            total, grad = _fused_asl_terms(t, s, eps)
+        elif s.device.type == "cpu":
+            total, grad = _chunked_asl_terms(t, s, eps)
+        else:
+            total, grad = asl_terms(t, s, eps)
+        n = s.numel()
+        ctx.grad, ctx.scale = grad, (2.0 / n if n else float("nan"))
         return total / n if n else total * float("nan")
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return None, grad * (grad_loss * ctx.scale), None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("attention_shifting_loss supports one backward per forward: its gradient buffer "
+                               "is scaled in place (compute the loss again instead of retain_graph=True)")
+        return None, grad.mul_(grad_loss * ctx.scale), None, None
 
 
 def kd_loss(student_logits, teacher_logits, temperature, reduction="mean"):

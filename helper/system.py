@@ -2,6 +2,7 @@
 import contextlib
 import random
 import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -34,6 +35,33 @@ def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def use_compile(device, choice="auto"):
+    """Whether the losses are fused with ``torch.compile``: ``auto`` is on for CUDA and off on the CPU
+    (where compiling costs seconds at start, needs a C++ compiler, and gained 3-4% of a width-16 step)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, not {choice!r}")
+    return device.type == "cuda" if choice == "auto" else choice == "on"
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``, falling back to ``fn`` itself for good, with one warning line, the first time
+    compiling fails (no C++ compiler, no Triton). Meant for pure functions: the failed call is simply rerun."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # compile errors surface at the first call
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                print(f"warning: torch.compile of {self.fn.__name__} failed ({type(e).__name__}: {reason}); "
+                      f"running it uncompiled", file=sys.stderr)
+                self.compiled = None
+        return self.fn(*args, **kwargs)
 
 
 def memory_format(device):

@@ -11,6 +11,7 @@ What the fast path changes, and what each test pins down:
 import copy
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -184,3 +185,68 @@ def test_short_kd_run_in_channels_last_selects_the_same_epoch(tmp_path, teacher8
     monkeypatch.setattr(helper.distill, "memory_format", lambda device: torch.contiguous_format)
     plain_rows, plain = _run(tmp_path, "plain", teacher8, ["--ratio_type", "fix"])
     _same_run(fast_rows, fast, plain_rows, plain)
+
+
+def test_cpu_kernel_fast_chunks_and_chunks_with_zeros_give_the_formula(monkeypatch):
+    """Chunk 0 has no zero (five-op fast path); chunk 1 has zeros in t, chunk 2 in s, chunk 3 a product that
+    underflows to 0 although neither factor is 0: those three must go to the exact kernel."""
+    monkeypatch.setattr(L, "_CPU_CHUNK", 1000)
+    calls = []
+    exact = L._asl_terms_chunk_with_zeros
+    monkeypatch.setattr(L, "_asl_terms_chunk_with_zeros", lambda *a: calls.append(1) or exact(*a))
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(3500, generator=g), torch.randn(3500, generator=g)
+    t[1000:1100] = 0.0
+    s[2000:2100] = 0.0
+    t[3000], s[3000], t[3001], s[3001] = 1e-30, 1e-30, -1e-30, 1e-30
+    s_fast, s_slow = s.clone().requires_grad_(), s.clone().requires_grad_()
+    fast, slow = attention_shifting_loss(t, s_fast), plain_asl(t, s_slow)
+    fast.backward()
+    slow.backward()
+    assert len(calls) == 3
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(s_fast.grad, s_slow.grad)
+    assert s_fast.grad[3000] > 1e20 and s_fast.grad[3001] == 0  # same signs: 4 / |s| / n; opposite: 0
+
+
+def test_where_formula_kernel_equals_the_cpu_kernel():
+    """``asl_terms`` (the torch.where formula, run as is on a GPU and fused by --compile) against the CPU kernel."""
+    t, s = _with_zeros((3, 5, 7, 9), 0), _with_zeros((3, 5, 7, 9), 1)
+    total, grad = L.asl_terms(t, s, 0.3)
+    total_cpu, grad_cpu = L._chunked_asl_terms(t, s, 0.3)
+    torch.testing.assert_close(total, total_cpu)
+    torch.testing.assert_close(grad, grad_cpu)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_asl_equals_the_formula():
+    t, s = _with_zeros((2, 6, 5, 5), 2), _with_zeros((2, 6, 5, 5), 3).contiguous(memory_format=torch.channels_last)
+    s_fast, s_slow = s.clone().requires_grad_(), s.clone().requires_grad_()
+    fast, slow = attention_shifting_loss(t, s_fast, eps=0.2, compiled=True), plain_asl(t, s_slow, eps=0.2)
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(fast, slow)
+    torch.testing.assert_close(s_fast.grad, s_slow.grad)
+
+
+def test_asl_backward_runs_once_per_forward():
+    s = torch.randn(4, 3).requires_grad_()
+    loss = attention_shifting_loss(torch.randn(4, 3), s)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
+
+
+def test_asd_gradient_reaches_conv1_in_channels_last():
+    """The ASL gradient is added to conv1's gradient in the activations' own layout: no slice of the features
+    on the way (its backward would build a zero-filled contiguous gradient, then convert it back per layer)."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    teacher = resnet18(10, 4).to(memory_format=cl)
+    student = copy.deepcopy(teacher)
+    d = Distiller(teacher, student, torch.optim.SGD(student.parameters(), lr=0.0), ["layer*.*.conv1"])
+    grads = []
+    student.layer1[0].conv1.register_forward_hook(lambda m, i, out: [out.register_hook(grads.append)] and None)
+    d.step(torch.rand(4, 3, 32, 32).contiguous(memory_format=cl), 1.0, 1.0)
+    assert len(grads) == 1 and grads[0].is_contiguous(memory_format=cl) and not grads[0].is_contiguous()
+    d.close()
