@@ -61,7 +61,7 @@ def _asl_terms_chunk(t, s, eps, grad_out, one):
     """Sum of (1 + t's')^2 over a flat CPU chunk; writes (1 + t's') t' / |s| (t' where s == 0) into ``grad_out``.
 
     Fast case, no ``t * s`` is 0: then ``t' = sign(t)`` and ``s' = sign(s)``, so with ``h = sign(t * s)``
-    the term is (1 + h)^2 = 2 (1 + h) and the gradient (1 + h) t' / |s| = (1 + h) / s: five ops.
+    the term is (1 + h)^2 = 2 (1 + h) and the gradient (1 + h) t' / |s| = (1 + h) / s: five ops and a check.
     Whether some ``t * s`` is 0 (an exact zero in t or s, an underflow; NaN counts too) is read on the
     host, which on the CPU costs no wait; such a chunk goes to ``_asl_terms_chunk_with_zeros``. A trained
     teacher and student have no zeros there; a student whose units died under ASL has many.
@@ -100,12 +100,11 @@ def _chunked_asl_terms(t, s, eps):
     grad, t_flat, s_flat, grad_flat = _flat_views(t, s)
     one = torch.ones((), dtype=s.dtype)
     fast, with_zeros, n_fast = [], [], 0
-    for i in range(0, s_flat.numel(), _CPU_CHUNK):
-        part, is_fast = _asl_terms_chunk(t_flat[i:i + _CPU_CHUNK], s_flat[i:i + _CPU_CHUNK], eps,
-                                         grad_flat[i:i + _CPU_CHUNK], one)
+    for tc, sc, gc in zip(*(x.split(_CPU_CHUNK) for x in (t_flat, s_flat, grad_flat))):
+        part, is_fast = _asl_terms_chunk(tc, sc, eps, gc, one)
         if is_fast:
             fast.append(part)
-            n_fast += min(_CPU_CHUNK, s_flat.numel() - i)
+            n_fast += sc.numel()
         else:
             with_zeros.append(part)
     total = torch.zeros((), dtype=s.dtype)
