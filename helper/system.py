@@ -39,7 +39,7 @@ def autocast(device, dtype):
 
 def use_compile(device, choice="auto"):
     """Whether the losses are fused with ``torch.compile``: ``auto`` is on for CUDA and off on the CPU
-    (where compiling costs seconds at start, needs a C++ compiler, and gained 3-4% of a width-16 step)."""
+    (where compiling costs seconds at start, needs a C++ compiler, and was no clear gain in bench.py)."""
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, not {choice!r}")
     return device.type == "cuda" if choice == "auto" else choice == "on"
