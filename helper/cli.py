@@ -32,6 +32,16 @@ def add_system_args(parser):
     return g
 
 
+def add_output_args(parser):
+    """Where a run writes and how it reports: shared by the defense and the attack."""
+    g = parser.add_argument_group("Output")
+    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
+                                                     "a folder that already holds files is refused")
+    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+    return g
+
+
 def add_synthetic_args(group):
     group.add_argument("--synthetic_seed", type=int, default=0,
                        help="defines the synthetic task (keep it equal between the attack and the defense)")
@@ -104,10 +114,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
     g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
 
-    g = p.add_argument_group("Output")
-    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
-                                                     "a folder that already holds files is refused")
-    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
+    g = add_output_args(p)
     g.add_argument("--demo", action="store_true",
                    help="run the whole story offline on synthetic data: train an ADBA teacher, distil it "
                         "with KD and with ASD, print one table. Sizes are fixed in helper/demo.py; --seed, --device, "
@@ -195,11 +202,7 @@ def get_attack_parser(add_help=True):
     g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of teacher and shadow")
     g.add_argument("--batch_size", type=int, default=128)
 
-    g = p.add_argument_group("Output")
-    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
-                                                     "a folder that already holds files is refused")
-    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
-    g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+    add_output_args(p)
 
     add_system_args(p)
     return p

@@ -57,7 +57,7 @@ def _distill_argv(args, teacher_dir, out_dir, ratio_type, d):
             "--synthetic_test", str(d["n_test"]), "--subset_rate", "1.0", "--ratio_type", ratio_type,
             "--epoch", str(d["distill_epochs"]), "--opt_lr", str(d["distill_lr"]), "--select_from", str(d["select_from"]),
             "--target_label", str(args.target_label), "--seed", str(args.seed), "--device", args.device,
-            "--amp", args.amp, "--output_dir", out_dir] + _eval_batch_argv(args)
+            "--amp", args.amp, "--output_dir", out_dir, "--no_progress"] + _eval_batch_argv(args)
 
 
 def format_table(rows):

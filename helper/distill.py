@@ -195,7 +195,8 @@ def run(args, out=print):
         for epoch in bar:
             kd_w, asl_w = loss_weights(epoch, args.ratio_type, args.main_loss_ratio, args.new_loss_ratio)
             lr = lr_drop.lr
-            stats = train_one_epoch(distiller, images, kd_w, asl_w, args.batch_size, generator, mem_format)
+            stats = train_one_epoch(distiller, images, kd_w, asl_w, args.batch_size, generator, mem_format,
+                                    progress=not args.no_progress)
             metrics = evaluate(student, eval_set, **eval_kw)
             lam = asd_ratio(epoch) if args.ratio_type == "scheduler" else None
             row = {"epoch": epoch, **stats, "lambda": lam, "kd_weight": kd_w, "asl_weight": asl_w, "lr": lr,

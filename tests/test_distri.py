@@ -41,14 +41,17 @@ def test_asd_run_writes_every_output(teacher_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "selected over all epochs" in printed  # 2 epochs < --select_from 50
     assert "epoch   1  kd" in printed
+    assert "batches" in printed  # the tqdm bar, on by default
 
 
-def test_fix_run_is_plain_kd(teacher_dir, tmp_path):
+def test_fix_run_is_plain_kd(teacher_dir, tmp_path, capsys):
     out = tmp_path / "kd"
-    distri.main(fast_flags(teacher_dir, out) + ["--ratio_type", "fix"])
+    distri.main(fast_flags(teacher_dir, out) + ["--ratio_type", "fix", "--no_progress"])
     rows, saved, args = _read_run(out)
     assert all(r["asl"] is None and r["lambda"] is None and r["kd_weight"] == 1.0 for r in rows)
     assert saved["ratio_type"] == "fix"
+    printed = capsys.readouterr().out
+    assert "epoch   1  kd" in printed and "batches" not in printed
 
 
 def test_student_and_output_folder_are_a_valid_read_dir(teacher_dir, tmp_path):
