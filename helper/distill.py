@@ -190,7 +190,7 @@ def run(args, out=print):
                "teacher_asr_nontarget": teacher_metrics["asr_nontarget"], "student_init": init_metrics,
                "ratio_type": args.ratio_type, "n_defense": len(images), "select_from": select_from}
     start = time.time()
-    bar = tqdm(range(args.epoch), desc="epochs", file=sys.stdout)
+    bar = tqdm(range(args.epoch), desc="epochs", file=sys.stdout, disable=args.no_progress)
     try:
         for epoch in bar:
             kd_w, asl_w = loss_weights(epoch, args.ratio_type, args.main_loss_ratio, args.new_loss_ratio)

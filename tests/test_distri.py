@@ -51,7 +51,7 @@ def test_fix_run_is_plain_kd(teacher_dir, tmp_path, capsys):
     assert all(r["asl"] is None and r["lambda"] is None and r["kd_weight"] == 1.0 for r in rows)
     assert saved["ratio_type"] == "fix"
     printed = capsys.readouterr().out
-    assert "epoch   1  kd" in printed and "batches" not in printed
+    assert "epoch   1  kd" in printed and "batches" not in printed and "epochs:" not in printed
 
 
 def test_student_and_output_folder_are_a_valid_read_dir(teacher_dir, tmp_path):
