@@ -28,7 +28,7 @@ from helper import data as D
 from helper.checkpoint import save_checkpoint
 from helper.cli import check_attack_args
 from helper.errors import UserError
-from helper.evaluate import EvalSet, evaluate, target_rate
+from helper.evaluate import EvalSet, evaluate
 from helper.losses import kd_loss
 from helper.metrics import psnr, ssim
 from helper.plot import plot_attack_curves, plot_trigger
@@ -187,9 +187,8 @@ def consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_r
 
 def _epoch_batches(train, batch_size, generator, mem_format, progress, desc):
     """Augmented (x, y, batch size) of one epoch, over a seeded permutation; the last batch may be short."""
-    idx_batches = D.batches(len(train), batch_size, generator, train.x.device)
-    for idx in tqdm(idx_batches, leave=False, desc=desc, disable=not progress, file=sys.stdout):
-        yield D.augment(train.x[idx], generator).contiguous(memory_format=mem_format), train.y[idx], len(idx)
+    for x, idx in D.augmented_batches(train.x, batch_size, generator, mem_format, progress, desc):
+        yield x, train.y[idx], len(idx)
 
 
 def train_adba_epoch(adba, train, batch_size, generator, mem_format, progress=True):
@@ -329,9 +328,7 @@ def _final_metrics(teacher, shadow, test, pattern, mask, args, device, eval_kw, 
     stats = trigger_stats(pattern, mask, test.x.to(device), args.vanish_psnr)
     eval_set = EvalSet.build(test, pattern, mask, args.target_label, device)
     t, s = evaluate(teacher, eval_set, **eval_kw), evaluate(shadow, eval_set, **eval_kw)
-    metrics = {**t, "target_rate_clean": target_rate(teacher, eval_set, **eval_kw),
-               **{f"shadow_{k}": v for k, v in s.items()},
-               "shadow_target_rate_clean": target_rate(shadow, eval_set, **eval_kw),
+    metrics = {**t, **{f"shadow_{k}": v for k, v in s.items()},
                "psnr": stats["psnr"], "ssim": stats["ssim"], "mask_l1": stats["mask_l1"],
                "mask_max": stats["mask_max"], "mask_share": stats["mask_share"],
                "trigger_vanished": stats["vanished"], "phase1": phase1,

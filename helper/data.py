@@ -7,11 +7,13 @@ Images never go through PIL: crop and flip are one gather per batch (``augment``
 """
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from helper.errors import UserError
 
@@ -222,3 +224,11 @@ def batches(n, batch_size, generator=None, device="cpu", shuffle=True):
     """Index tensors of consecutive batches over a (seeded) permutation of ``range(n)``; the last may be short."""
     order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)
     return order.split(batch_size)
+
+
+def augmented_batches(images, batch_size, generator, memory_format, progress=True, desc="batches"):
+    """One epoch over uint8 ``images`` on their device: ``(cropped/flipped float batch, its indices)`` per
+    batch of a seeded permutation (the last batch may be short), with an optional tqdm bar."""
+    for idx in tqdm(batches(len(images), batch_size, generator, images.device), leave=False, desc=desc,
+                    disable=not progress, file=sys.stdout):
+        yield augment(images[idx], generator).contiguous(memory_format=memory_format), idx

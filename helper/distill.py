@@ -58,14 +58,16 @@ class Distiller:
                 t_logits = self.teacher(x)
             s_logits = self.student(x)
         kd = self.kd_fn(s_logits, t_logits, self.temperature, self.kd_reduction)
-        asl = None
-        if with_asl:
-            t_feats, s_feats = self.t_hooks.pop(), self.s_hooks.pop()
-            if self.first_sample_only:
-                t_feats = {n: f[:1] for n, f in t_feats.items()}
-                s_feats = {n: f[:1] for n, f in s_feats.items()}
-            asl = sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in self.s_hooks.layers) / len(self.s_hooks.layers)
-        return kd, asl
+        return kd, self.hooked_asl() if with_asl else None
+
+    def hooked_asl(self):
+        """Mean ASL over the hooked layers of the last forward of both models (their features are released)."""
+        t_feats, s_feats = self.t_hooks.pop(), self.s_hooks.pop()
+        if self.first_sample_only:
+            t_feats = {n: f[:1] for n, f in t_feats.items()}
+            s_feats = {n: f[:1] for n, f in s_feats.items()}
+        layers = self.s_hooks.layers
+        return sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in layers) / len(layers)
 
     def step(self, x, kd_weight, asl_weight):
         kd, asl = self.losses(x, with_asl=asl_weight != 0)
@@ -100,9 +102,7 @@ def train_one_epoch(distiller, images, kd_weight, asl_weight, batch_size, genera
     device = images.device
     kd_sum = torch.zeros((), device=device)
     asl_sum = torch.zeros((), device=device)
-    index_batches = D.batches(len(images), batch_size, generator, device)
-    for idx in tqdm(index_batches, leave=False, desc="batches", disable=not progress, file=sys.stdout):
-        x = D.augment(images[idx], generator).contiguous(memory_format=mem_format)
+    for x, idx in D.augmented_batches(images, batch_size, generator, mem_format, progress):
         kd, asl = distiller.step(x, kd_weight, asl_weight)
         kd_sum += kd * len(idx)
         if asl is not None:

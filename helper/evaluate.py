@@ -39,13 +39,16 @@ def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contig
 
 
 def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
-    """``{'acc', 'asr', 'asr_nontarget', 'top_class_share'}`` of a model, in eval mode, with one host sync.
+    """``{'acc', 'asr', 'asr_nontarget', 'top_class_share', 'target_rate_clean'}`` of a model, in eval mode,
+    with one host sync.
 
     ``asr`` is the share of all triggered test images classified as the target (the paper's number,
     about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
     (BackdoorBench's definition). ``top_class_share`` is the share of clean test images given the most
     common predicted class: 1.0 means a model that answers one class whatever its input (an ASR of 0
-    from such a model says nothing about a backdoor).
+    from such a model says nothing about a backdoor). ``target_rate_clean`` is the share of clean
+    non-target images classified as the target: the bias an ASR is measured against (a vanished trigger
+    scores ``asr_nontarget`` equal to it).
     """
     was_training = model.training
     model.eval()
@@ -55,21 +58,9 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     hit = trig_pred == eval_set.target
     nontarget = eval_set.labels != eval_set.target
     top = torch.bincount(clean_pred).max() if len(clean_pred) else clean_pred.new_zeros(())
-    counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum(), top])
-    correct, hits, hits_nt, n_nt, top = counts.tolist()
+    counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum(),
+                          top, ((clean_pred == eval_set.target) & nontarget).sum()])
+    correct, hits, hits_nt, n_nt, top, clean_to_target = counts.tolist()
     n = max(len(eval_set.labels), 1)
-    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "top_class_share": top / n}
-
-
-def target_rate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
-    """Share of clean non-target test images a model classifies as the target: the bias an ASR is measured against.
-
-    A triggered image that equals the clean one (a vanished trigger) scores ``asr_nontarget`` equal to this.
-    """
-    was_training = model.training
-    model.eval()
-    pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
-    model.train(was_training)
-    nontarget = eval_set.labels != eval_set.target
-    hits, n = torch.stack([((pred == eval_set.target) & nontarget).sum(), nontarget.sum()]).tolist()
-    return hits / max(n, 1)
+    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "top_class_share": top / n,
+            "target_rate_clean": clean_to_target / max(n_nt, 1)}

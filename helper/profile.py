@@ -92,7 +92,7 @@ def profile_epoch(distiller, images, eval_set, batch_size, weights, mem_format, 
     """Seconds per phase of one epoch of the real step, timed phase by phase with a device sync after each.
 
     The syncs make the phases add up to slightly more than an unprofiled epoch. ``asl`` is the ASL forward,
-    which also computes its gradient (its backward is one multiply, inside ``backward``).
+    which also computes its gradient (its backward scales it in place, inside ``backward``).
     """
     device = images.device
     kd_weight, asl_weight = weights
@@ -111,8 +111,7 @@ def profile_epoch(distiller, images, eval_set, batch_size, weights, mem_format, 
 
     sync(device)
     t = time.perf_counter()
-    for idx in D.batches(len(images), batch_size, generator, device):
-        x = D.augment(images[idx], generator).contiguous(memory_format=mem_format)
+    for x, _ in D.augmented_batches(images, batch_size, generator, mem_format, progress=False):
         t = lap("data", t)
         with autocast(device, d.amp):
             with torch.no_grad():
@@ -123,9 +122,7 @@ def profile_epoch(distiller, images, eval_set, batch_size, weights, mem_format, 
         loss = kd_weight * d.kd_fn(s_logits, t_logits, d.temperature, d.kd_reduction)
         t = lap("kd_loss", t)
         if asl_weight != 0:
-            tf, sf = d.t_hooks.pop(), d.s_hooks.pop()
-            asl = sum(d.asl_fn(tf[n], sf[n], d.eps) for n in d.s_hooks.layers) / len(d.s_hooks.layers)
-            loss = loss + asl_weight * asl
+            loss = loss + asl_weight * d.hooked_asl()
             t = lap("asl", t)
         d.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -196,8 +196,10 @@ def test_evaluate_counts_by_hand_and_flags_a_constant_predictor():
 
     split = type("S", (), {"x": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "y": torch.tensor([0, 1, 2, 2])})
     ev = EvalSet.build(split, torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0, device="cpu")
-    assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "top_class_share": 1.0}
-    assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "top_class_share": 1.0}
+    assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "top_class_share": 1.0,
+                                      "target_rate_clean": 1.0}
+    assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "top_class_share": 1.0,
+                                      "target_rate_clean": 0.0}
 
 
 def test_dead_student_warning(teacher_dir, tmp_path, capsys):
