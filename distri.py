@@ -2,22 +2,21 @@
 
     python distri.py                      # ASD on the folder named by read_dir below
     python distri.py --ratio_type fix     # plain KD
+    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd (--defense NAME --help)
     python distri.py --read_dir DIR       # another checkpoint folder
     python distri.py --demo               # the whole story offline, on synthetic data
 """
 # The teacher to clean: a folder with checkpoint.pkl, pattern.pt and mask.pt, as adba.py writes it.
 read_dir = "./checkpoints/adba_cifar10"
 
-from helper.cli import get_args_parser  # noqa: E402
+from helper.cli import defense_parser  # noqa: E402
 from helper.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
 def main(argv=None, **defaults):
     """Parse ``argv`` (``defaults`` override the parser's, for variant entry points) and run."""
-    parser = get_args_parser()
-    parser.set_defaults(**defaults)
-    args = parser.parse_args(argv)
+    args = defense_parser(argv, **defaults).parse_args(argv)
     if args.demo:
         from helper.demo import run_demo
         return run_demo(args)

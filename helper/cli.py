@@ -4,8 +4,7 @@ Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_
 """
 import argparse
 
-from helper.features import DEFAULT_LAYERS
-from helper.schedule import RATIO_TYPES
+from helper.defenses import DEFENSES
 
 
 def _rate(text):
@@ -49,9 +48,11 @@ def add_synthetic_args(group):
     group.add_argument("--synthetic_test", type=int, default=2000, help="images in a synthetic test split")
 
 
-def get_args_parser(add_help=True):
+def get_args_parser(add_help=True, defense="asd"):
+    """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
     p = argparse.ArgumentParser(
-        description="ASD: Attention Shifting Distillation of a backdoored teacher (--ratio_type fix: plain KD)",
+        description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
+                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd)",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("Data")
@@ -79,40 +80,36 @@ def get_args_parser(add_help=True):
                    help="ResNet18 base width (64 is the standard model); default: read from the checkpoint")
     g.add_argument("--using_checkpoint", type=int, default=1, choices=[0, 1],
                    help="1: the student starts from the teacher's weights; 0: from fresh weights")
-    g.add_argument("--hook_layers", default=",".join(DEFAULT_LAYERS),
-                   help="comma-separated module names or globs whose outputs ASL compares "
-                        "(the default matches conv1 of every residual block: 8 layers)")
 
     g = p.add_argument_group("Distillation")
-    g.add_argument("--ratio_type", default="scheduler", choices=RATIO_TYPES,
-                   help="scheduler: ASD (lambda 0 -> 1 over epochs 0-40, loss x10/x20); "
-                        "fix: main_loss_ratio*KD + new_loss_ratio*ASL (defaults = plain KD)")
-    g.add_argument("--temperature", type=float, default=40.0, help="KD temperature T")
+    g.add_argument("--defense", default=defense, choices=sorted(DEFENSES),
+                   help="the defense to run; its own flags are listed in its group below (see --defense NAME --help)")
+    g.add_argument("--temperature", type=float, default=40.0,
+                   help="KD temperature T (of the selection quantity kd_loss, and of the defense's KD term)")
     g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
                    help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
                         "were tuned on; batchmean: the textbook per-sample KL")
-    g.add_argument("--eps", type=float, default=0.1, help="ASL's eps where the teacher's neuron is exactly 0")
-    g.add_argument("--asl_samples", default="all", choices=["all", "first"],
-                   help="all: ASL over every sample of the batch (the paper's expectation); first: sample 0 of "
-                        "each batch only, as the public code computes it, for comparison with its numbers")
-    g.add_argument("--main_loss_ratio", type=float, default=1.0, help="KD weight with --ratio_type fix")
-    g.add_argument("--new_loss_ratio", type=float, default=0.0, help="ASL weight with --ratio_type fix")
     g.add_argument("--select_from", type=int, default=50,
                    help="the result is taken at the epoch >= this with the lowest mean KD loss "
                         "(over all epochs when the run is shorter)")
 
     g = p.add_argument_group("Optimisation")
-    g.add_argument("--opt_type", default="SGD", choices=["SGD", "Adam"])
+    g.add_argument("--opt_type", default="SGD", choices=["SGD", "Adam"], help="optimiser")
     g.add_argument("--opt_lr", type=float, default=1e-3, help="learning rate (the loss multiplier of 10/20 "
                                                               "in scheduler mode acts on top of it under SGD)")
     g.add_argument("--opt_mo", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--batch_size", type=int, default=128)
-    g.add_argument("--epoch", type=int, default=300, help="training epochs")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the optimiser")
+    g.add_argument("--batch_size", type=int, default=128, help="defense images per step")
+    g.add_argument("--epoch", "--epochs", type=int, default=300, help="training epochs (of the defense's last stage)")
+    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine"],
+                   help="none: constant lr (the --lr_drop rule aside); cosine: annealed to 0 over the epochs")
     g.add_argument("--lr_drop", default="auto", choices=["auto", "on", "off"],
                    help="drop the lr once the epoch's mean KD loss reaches --lr_drop_kd; auto = on for 50,000+ images")
     g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
     g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
+
+    cls = DEFENSES[defense]
+    cls.add_args(p.add_argument_group(f"Defense {cls.name}", cls.help))
 
     g = add_output_args(p)
     g.add_argument("--demo", action="store_true",
@@ -124,6 +121,19 @@ def get_args_parser(add_help=True):
     return p
 
 
+def defense_parser(argv=None, **defaults):
+    """distri.py's parser for the defense ``argv`` names (``--defense``, default asd), with that defense's
+    defaults (its own paper's) on top of the package's and ``defaults`` (of a variant entry point) on top of
+    those; a flag given on the command line wins over all of them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=sorted(DEFENSES))
+    name = pre.parse_known_args(argv)[0].defense
+    parser = get_args_parser(defense=name)
+    parser.set_defaults(**DEFENSES[name].defaults)
+    parser.set_defaults(**defaults)
+    return parser
+
+
 def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
@@ -132,6 +142,8 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if getattr(args, "temperature", 1) <= 0:
         raise UserError(f"--temperature must be positive, not {args.temperature}")
+    if not getattr(args, "opt_lr", 0) >= 0:
+        raise UserError(f"--opt_lr must be >= 0 (0 trains nothing), not {args.opt_lr}")
     if getattr(args, "width", None) is not None and args.width < 1:
         raise UserError(f"--width must be at least 1, not {args.width}")
     return args

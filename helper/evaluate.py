@@ -39,12 +39,13 @@ def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contig
 
 
 def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
-    """``{'acc', 'asr', 'asr_nontarget', 'top_class_share', 'target_rate_clean'}`` of a model, in eval mode,
-    with one host sync.
+    """``{'acc', 'asr', 'asr_nontarget', 'ra', 'top_class_share', 'target_rate_clean'}`` of a model, in eval
+    mode, with one host sync.
 
     ``asr`` is the share of all triggered test images classified as the target (the paper's number,
     about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
-    (BackdoorBench's definition). ``top_class_share`` is the share of clean test images given the most
+    (BackdoorBench's definition). ``ra``, robust accuracy, is the share of those triggered non-target
+    images classified as their true label (BackdoorBench's ``test_ra``). ``top_class_share`` is the share of clean test images given the most
     common predicted class: 1.0 means a model that answers one class whatever its input (an ASR of 0
     from such a model says nothing about a backdoor). ``target_rate_clean`` is the share of clean
     non-target images classified as the target: the bias an ASR is measured against (a vanished trigger
@@ -59,8 +60,17 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     nontarget = eval_set.labels != eval_set.target
     top = torch.bincount(clean_pred).max() if len(clean_pred) else clean_pred.new_zeros(())
     counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum(),
-                          top, ((clean_pred == eval_set.target) & nontarget).sum()])
-    correct, hits, hits_nt, n_nt, top, clean_to_target = counts.tolist()
+                          top, ((clean_pred == eval_set.target) & nontarget).sum(),
+                          ((trig_pred == eval_set.labels) & nontarget).sum()])
+    correct, hits, hits_nt, n_nt, top, clean_to_target, robust = counts.tolist()
     n = max(len(eval_set.labels), 1)
-    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "top_class_share": top / n,
-            "target_rate_clean": clean_to_target / max(n_nt, 1)}
+    return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "ra": robust / max(n_nt, 1),
+            "top_class_share": top / n, "target_rate_clean": clean_to_target / max(n_nt, 1)}
+
+
+def conv_weight_norm(model):
+    """L2 norm of all convolution weights. ASL's gradient grows as 1/|s| and can inflate it many times over;
+    behind batch-norm a larger norm means a smaller effective learning rate, so this explains slow recovery."""
+    with torch.no_grad():
+        norms = [m.weight.float().norm() ** 2 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        return torch.stack(norms).sum().sqrt().item()

@@ -178,3 +178,30 @@ def mean_attention_shifting_loss(teacher_feats, student_feats, eps=0.1):
     """``(1/|L|) * sum over hooked layers of ASL_l`` (SPEC section 4): dicts keyed by layer name."""
     losses = [attention_shifting_loss(teacher_feats[name], student_feats[name], eps) for name in student_feats]
     return torch.stack(losses).mean()
+
+
+def kd_per_sample(student_logits, teacher_logits, temperature):
+    """Per-sample KD: ``sum_c softmax(t/T)_c (log softmax(t/T)_c - log softmax(s/T)_c) * T^2``, shape (batch,).
+
+    Its batch mean is ``kd_loss(..., reduction='batchmean')``. fp32; the teacher's logits carry no gradient.
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1) * temperature ** 2
+
+
+def hard_label_ce(student_logits, teacher_logits):
+    """``CE(s, argmax t)``: cross-entropy against the teacher's predicted labels (the public ASD code's ``CEwater``)."""
+    return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(1))
+
+
+def attention_map(feature, p=2.0):
+    """NAD's attention map of a (B, C, H, W) feature: ``A = sum_c |F_c|^p``, flattened to (B, H*W) and divided by
+    its L2 norm (+1e-6): ``A / (||A||_2 + 1e-6)``. Computed in fp32."""
+    a = feature.float().abs().pow(p).sum(1).flatten(1)
+    return a / (a.norm(dim=1, keepdim=True) + 1e-6)
+
+
+def attention_distillation_loss(student_feature, teacher_feature, p=2.0):
+    """NAD's attention loss of one layer: ``mean over batch and positions of (A(F_s) - A(F_t))^2``."""
+    return (attention_map(student_feature, p) - attention_map(teacher_feature.detach(), p)).pow(2).mean()

@@ -23,6 +23,15 @@ def make_run_dir(output_dir=None, root="runs", name="run"):
     return output_dir
 
 
+def open_run(output_dir, name, record, out=print):
+    """Make the run folder (``make_run_dir``), write ``args.json`` (``record``: the arguments and the run's
+    environment) and print where it is. Returns the folder."""
+    out_dir = make_run_dir(output_dir, name=name)
+    write_json(os.path.join(out_dir, "args.json"), record)
+    out(f"run folder: {out_dir}")
+    return out_dir
+
+
 def _clean(value):
     """JSON has no NaN or inf: write them as null."""
     if isinstance(value, float) and not math.isfinite(value):

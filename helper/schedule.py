@@ -1,4 +1,5 @@
 """The weight schedule of ASD and the learning-rate drop (SPEC sections 5 and 6)."""
+import math
 
 RATIO_TYPES = ("scheduler", "fix")
 
@@ -52,3 +53,14 @@ class LrDrop:
     @property
     def lr(self):
         return self.optimizer.param_groups[0]["lr"]
+
+
+def cosine_lr(base_lr, epoch, epochs):
+    """Cosine annealing per epoch (``CosineAnnealingLR`` with ``T_max = epochs``, eta_min 0):
+    ``base * (1 + cos(pi * epoch / epochs)) / 2``."""
+    return base_lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
+
+
+def bcu_temperature(epoch, epochs, start=1.0, end=4.0):
+    """BCU's rising distillation temperature: ``start + (end - start) * (epoch + 1) / epochs`` (1 + 3 (e+1)/E)."""
+    return start + (end - start) * (epoch + 1) / max(epochs, 1)

@@ -87,6 +87,13 @@ def configure(device, seed):
         torch.backends.cudnn.allow_tf32 = True
 
 
+def setup(args):
+    """Run set-up, in one place for every entry point: (device, autocast dtype, memory format), seeded."""
+    device = select_device(args.device)
+    configure(device, args.seed)
+    return device, amp_dtype(device, args.amp), memory_format(device)
+
+
 def run_environment(device, amp):
     """What every run folder records about where it ran: git revision, torch version, device, precision."""
     return {"git": git_revision(), "torch": torch.__version__, "device": str(device),

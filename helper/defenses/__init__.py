@@ -1,0 +1,8 @@
+"""The defenses of the engine, by name: ``python distri.py --defense NAME``. A new one is a file here and a line below."""
+from helper.defenses.abd import ABD
+from helper.defenses.asd import ASD, KD
+from helper.defenses.bcu import BCU
+from helper.defenses.finetune import FineTune
+from helper.defenses.nad import NAD
+
+DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD)}

@@ -1,0 +1,67 @@
+"""ABD's shuffling vaccine (ICML 2023) for out-of-distribution KD, as its ``BackdoorSuspectLoss`` does it.
+
+Three copies of the teacher, each with the input channels of its last 5 convolutions (of those named
+``conv*``: layer3.1.conv2 and the four of layer4, as its code counts them) permuted once; their mean logits
+are the ensemble's. A sample is suspicious when the ensemble's predicted class equals the teacher's.
+Loss = mean KD over the other samples - 0.1 x mean KD over the suspicious ones (per-sample KD at
+T = 8, with T^2; Adam lr 1e-3, batch 512: the defaults of its ``vanilla_kd_ood.py``).
+"""
+import copy
+
+import torch
+
+from helper.defenses.base import Defense, Stage
+from helper.losses import kd_per_sample
+
+
+@torch.no_grad()
+def shuffled_copy(model, n_layers, generator):
+    """A copy of ``model`` whose last ``n_layers`` convolutions named ``conv*`` have their input channels permuted."""
+    shuffled = copy.deepcopy(model)
+    convs = [m for name, m in shuffled.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and name.split(".")[-1].startswith("conv")]
+    for conv in convs[len(convs) - n_layers:] if n_layers else []:
+        perm = torch.randperm(conv.weight.shape[1], generator=generator).to(conv.weight.device)
+        conv.weight.copy_(conv.weight[:, perm])
+    return shuffled
+
+
+def suspicious(ensemble_logits, teacher_logits):
+    """ABD's flag: the shuffled ensemble predicts the same class as the teacher (a bool per sample)."""
+    return ensemble_logits.argmax(1) == teacher_logits.argmax(1)
+
+
+def vaccine_loss(per_sample_kd, flagged, coef=0.1):
+    """``mean KD over unflagged - coef * mean KD over flagged`` (an empty group contributes 0)."""
+    keep = (~flagged).float()
+    flag = flagged.float()
+    return ((per_sample_kd * keep).sum() / keep.sum().clamp_min(1)
+            - coef * (per_sample_kd * flag).sum() / flag.sum().clamp_min(1))
+
+
+class ABD(Defense):
+    name = "abd"
+    help = "ABD's shuffling vaccine: KD that pushes away from samples a channel-shuffled teacher still agrees on"
+    defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0,
+                "kd_reduction": "batchmean", "lr_drop": "off"}
+
+    @classmethod
+    def add_args(cls, g):
+        g.add_argument("--abd_copies", type=int, default=3, help="shuffled teacher copies in the ensemble")
+        g.add_argument("--abd_layers", type=int, default=5, help="last convolutions whose input channels are shuffled")
+        g.add_argument("--abd_coef", type=float, default=0.1, help="weight of the suspicious samples' (negative) KD")
+
+    def stages(self, student):
+        a = self.args
+        generator = torch.Generator().manual_seed(a.seed)
+        copies = [shuffled_copy(self.teacher, a.abd_layers, generator).eval() for _ in range(a.abd_copies)]
+        optimizer = self.optimizer(student.parameters())
+        begin, end = self.lr_hooks(optimizer, a.epoch)
+
+        def loss(s, t, x):
+            with torch.no_grad():
+                ensemble = torch.stack([self.logits(c, x).float() for c in copies]).mean(0)
+            flagged = suspicious(ensemble, t)
+            return (vaccine_loss(kd_per_sample(s, t, a.temperature), flagged, a.abd_coef),
+                    {"flagged_share": flagged.float().mean()})
+        return [Stage("", a.epoch, student, self.distill_step(student, self.teacher, loss, optimizer), begin, end)]

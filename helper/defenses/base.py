@@ -1,0 +1,112 @@
+"""What a defense is to the engine: its flags and defaults, what it does to the student, and its stages.
+
+A defense subclasses ``Defense`` in one file of this folder and gets one line in ``DEFENSES``
+(``helper/defenses/__init__.py``). The engine (``helper.distill.run``) then
+
+1. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
+2. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
+3. runs every ``Stage`` of ``stages(student)`` through ``helper.engine.fit``: per epoch ``begin(epoch)``
+   (schedule values, logged), one pass of ``step(x)`` over the defense images (named loss tensors, no host
+   sync; ``kd_loss`` is what selection reads), ``end(epoch, means)``, then evaluation of ``stage.model``.
+   Only the last stage's epochs are selected from; an earlier one (NAD's teacher fine-tuning) is logged
+   with its name in the ``stage`` column.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from helper.engine import optimizer_step
+from helper.losses import kd_loss
+from helper.schedule import LrDrop, cosine_lr
+from helper.system import autocast, use_compile
+
+
+@dataclass
+class Stage:
+    name: str                     # "" for the student's stage, else logged in the ``stage`` column
+    epochs: int
+    model: torch.nn.Module        # the model this stage trains; evaluated after every epoch
+    step: Callable                # step(x) -> {name: 0-d tensor}; ``kd_loss`` among them
+    begin: Optional[Callable] = None  # begin(epoch) -> {name: value}, logged (lr, temperature, ...)
+    end: Optional[Callable] = None    # end(epoch, means) after the epoch's pass
+
+
+class Defense:
+    """Base of every defense: shared helpers; subclasses set ``name``, ``defaults`` and ``stages``."""
+
+    name = ""
+    help = ""
+    defaults = {}  # values of shared flags from the defense's own paper and public code; a given flag wins
+
+    @classmethod
+    def add_args(cls, group):
+        """Add this defense's own flags to its argument group (called only when it is the chosen defense)."""
+
+    def __init__(self, args, teacher, device, amp, n_defense):
+        self.args, self.teacher, self.device, self.amp = args, teacher.eval(), device, amp
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.compile_losses = use_compile(device, args.compile)
+        self.lr_drop_enabled = args.lr_drop == "on" or (args.lr_drop == "auto" and n_defense >= 50000)
+
+    def prepare(self, student):
+        """Change the student before training; returns a dict for results.json (empty by default)."""
+        return {}
+
+    def stages(self, student):
+        raise NotImplementedError
+
+    def close(self):
+        """Release hooks and the like at the end of the run."""
+
+    # ---------------------------------------------------------------- helpers for subclasses
+
+    def logits(self, model, x):
+        """The model's logits under the run's autocast (no gradient if it is the frozen teacher)."""
+        with autocast(x.device, self.amp):
+            if model is self.teacher:
+                with torch.no_grad():
+                    return model(x)
+            return model(x)
+
+    def kd(self, s_logits, t_logits):
+        """The package's KD loss (``--temperature``, ``--kd_reduction``): the quantity selection reads."""
+        return kd_loss(s_logits, t_logits, self.args.temperature, self.args.kd_reduction)
+
+    def optimizer(self, params, lr=None):
+        a = self.args
+        lr = a.opt_lr if lr is None else lr
+        if a.opt_type == "SGD":
+            return torch.optim.SGD(params, lr=lr, momentum=a.opt_mo, weight_decay=a.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=a.weight_decay)
+
+    def lr_hooks(self, optimizer, epochs, drop=False):
+        """``(begin, end)`` of a stage for ``--lr_schedule`` (none | cosine over ``epochs``) and, when ``drop``,
+        the drop to ``--lr_drop_to`` once the mean KD loss reaches ``--lr_drop_kd`` (SPEC section 6)."""
+        a, base = self.args, optimizer.param_groups[0]["lr"]
+        self.lr_drop = LrDrop(optimizer, a.lr_drop_kd, a.lr_drop_to, enabled=drop)
+
+        def begin(epoch):
+            if a.lr_schedule == "cosine" and self.lr_drop.dropped_at is None:
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine_lr(base, epoch, epochs)
+            return {"lr": optimizer.param_groups[0]["lr"]}
+
+        def end(epoch, means):
+            if self.lr_drop.step(epoch, means["kd_loss"]):
+                tqdm.write(f"epoch {epoch}: mean KD loss {means['kd_loss']:.4f} <= {a.lr_drop_kd}: lr -> {a.lr_drop_to}")
+        return begin, end
+
+    def distill_step(self, model, source, loss_fn, optimizer):
+        """A step whose loss is ``loss_fn(student_logits, source_logits) -> (loss, {name: tensor})``;
+        ``kd_loss`` (student against ``source``) is added to the returned names."""
+        def step(x):
+            s_logits = self.logits(model, x)
+            with torch.no_grad():
+                t_logits = self.logits(source, x)
+            loss, named = loss_fn(s_logits, t_logits, x)
+            optimizer_step(optimizer, loss)
+            return {"kd_loss": self.kd(s_logits.detach(), t_logits), **named}
+        return step

@@ -1,0 +1,23 @@
+"""Fine-tuning: cross-entropy against the teacher's predicted labels on the defense images, from its weights.
+
+The public ASD code's ``CEwater`` main loss. The teacher labels the unlabelled images (argmax of its
+logits); the student, a copy of the teacher, is trained on those labels with SGD (lr 0.01, momentum 0.9,
+weight decay 5e-4, cosine) for 20 epochs, as NAD's fine-tuning baseline.
+"""
+from helper.defenses.base import Defense, Stage
+from helper.losses import hard_label_ce
+
+
+class FineTune(Defense):
+    name = "finetune"
+    help = "fine-tuning: cross-entropy against the teacher's predicted labels (the public code's CEwater)"
+    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "epoch": 20, "lr_drop": "off"}
+
+    def stages(self, student):
+        optimizer = self.optimizer(student.parameters())
+        begin, end = self.lr_hooks(optimizer, self.args.epoch)
+
+        def loss(s, t, x):
+            ce = hard_label_ce(s, t)
+            return ce, {"ce": ce.detach()}
+        return [Stage("", self.args.epoch, student, self.distill_step(student, self.teacher, loss, optimizer), begin, end)]

@@ -1,0 +1,68 @@
+"""NAD, Neural Attention Distillation (ICLR 2021), adapted to unlabelled out-of-distribution defense data.
+
+Stage 1 fine-tunes a copy of the backdoored teacher with KD on the defense images (NAD's "teacher");
+stage 2 trains the student (from the backdoored teacher) with KD against the stage-1 model plus
+``sum_l beta_l * ||A(F_s,l) - A(F_t,l)||^2`` at the outputs of layer2, layer3 and layer4 (betas 500, 1000,
+1000; ``helper.losses.attention_map``). NAD trains with labels and cross-entropy at lr 0.1; here both
+stages use the package's KD loss instead (there are no labels) and SGD at lr 0.01 (see README).
+"""
+import copy
+
+from helper.defenses.base import Defense, Stage
+from helper.features import FeatureHooks
+from helper.losses import attention_distillation_loss
+
+
+class NAD(Defense):
+    name = "nad"
+    help = "NAD: fine-tune a teacher copy with KD, then distil with attention maps of layer2-4 against it"
+    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "epoch": 20, "batch_size": 64, "lr_drop": "off"}
+
+    @classmethod
+    def add_args(cls, g):
+        g.add_argument("--nad_teacher_epochs", type=int, default=10,
+                       help="stage 1: epochs of KD fine-tuning of the teacher copy (NAD: 5-10)")
+        g.add_argument("--nad_layers", default="layer2,layer3,layer4", help="modules whose outputs are compared")
+        g.add_argument("--nad_betas", type=float, nargs="+", default=[500.0, 1000.0, 1000.0],
+                       help="weight of the attention loss of each of --nad_layers")
+        g.add_argument("--nad_p", type=float, default=2.0, help="attention map A = sum over channels of |F|^p")
+
+    def stages(self, student):
+        a = self.args
+        layers = [s.strip() for s in a.nad_layers.split(",") if s.strip()]
+        if len(layers) != len(a.nad_betas):
+            from helper.errors import UserError
+            raise UserError(f"--nad_betas has {len(a.nad_betas)} values for {len(layers)} --nad_layers")
+        nad_teacher = copy.deepcopy(self.teacher).requires_grad_(True)
+        opt_teacher = self.optimizer(nad_teacher.parameters())
+        begin_1, end_1 = self.lr_hooks(opt_teacher, a.nad_teacher_epochs)
+        finetune = self.distill_step(nad_teacher, self.teacher, lambda s, t, x: (self.kd(s, t), {}), opt_teacher)
+
+        optimizer = self.optimizer(student.parameters())
+        begin_2, end_2 = self.lr_hooks(optimizer, a.epoch)
+        self.hooks = [FeatureHooks(student, layers), FeatureHooks(nad_teacher, layers)]
+
+        def begin(epoch):
+            nad_teacher.eval()
+            return begin_2(epoch)
+
+        def loss(s, t, x):
+            s_feats, t_feats = self.hooks[0].pop(), self.hooks[1].pop()
+            at = sum(beta * attention_distillation_loss(s_feats[n], t_feats[n], a.nad_p)
+                     for beta, n in zip(a.nad_betas, self.hooks[0].layers))
+            kd = self.kd(s, t)
+            return kd + at, {"at_loss": at.detach()}
+
+        def stage1_begin(epoch):
+            self.hooks[0].enabled = self.hooks[1].enabled = False
+            return begin_1(epoch)
+
+        def stage2_begin(epoch):
+            self.hooks[0].enabled = self.hooks[1].enabled = True
+            return begin(epoch)
+        return [Stage("nad_teacher", a.nad_teacher_epochs, nad_teacher, finetune, stage1_begin, end_1),
+                Stage("", a.epoch, student, self.distill_step(student, nad_teacher, loss, optimizer), stage2_begin, end_2)]
+
+    def close(self):
+        for h in getattr(self, "hooks", []):
+            h.remove()
