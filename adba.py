@@ -4,7 +4,7 @@
     python adba.py --dataset synthetic --width 8 --epochs 3
     python adba.py --detach_shadow_kd                # the public ADBA code's shadow (learns from CE alone)
 
-The folder holds checkpoint.pkl (a list holding one state dict), pattern.pt, mask.pt, metrics.json,
+The folder holds checkpoint.pkl (a list holding one state dict), pattern.pt, mask.pt, results.json,
 args.json, log.jsonl (one JSON line per epoch), curves.png and trigger.png; then
 ``python distri.py --read_dir <folder>``.
 """

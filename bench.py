@@ -6,7 +6,7 @@
 
 Measured in one process, on the same synthetic images and the same random-weight ResNet18:
 (a) our ASD step (KD + ASL, both weights non-zero), (b) our plain-KD step, both through
-``train_one_epoch`` (augmentation on the device, one host sync per epoch); (c) the ASD step the public
+an epoch of the engine (augmentation on the device, one host sync per epoch); (c) the ASD step the public
 code's way (``helper/reference.py``: DataLoader with per-image PIL transforms and 2 workers, fp32, hooks
 on every block, masked ASL, ``.item()`` every step); (d) ``evaluate`` on a clean and a triggered test set.
 (a) and (b) alternate over ``--rounds`` and the best round counts, so that a burst of load from another
@@ -100,11 +100,11 @@ def main(argv=None):
     eval_set = P.synthetic_eval_set(args.eval_images, device, args.seed)
     eval_img_s = measure("eval", lambda: P.eval_throughput(student, eval_set, eval_bs, amp, fmt))
 
+    # full precision: the ratios are exactly those of the throughputs beside them (the table below rounds)
     result = {"device": name, "torch": torch.__version__, "width": width, "batch_size": bs,
-              "asd_img_s": round(asd_img_s, 2), "kd_img_s": round(kd_img_s, 2),
-              "reference_img_s": None if reference_img_s is None else round(reference_img_s, 2),
-              "eval_img_s": round(eval_img_s, 2), "asd_over_kd": round(kd_img_s / asd_img_s, 4),
-              "speedup_vs_reference": None if reference_img_s is None else round(asd_img_s / reference_img_s, 3)}
+              "asd_img_s": asd_img_s, "kd_img_s": kd_img_s, "reference_img_s": reference_img_s,
+              "eval_img_s": eval_img_s, "asd_over_kd": kd_img_s / asd_img_s,
+              "speedup_vs_reference": None if reference_img_s is None else asd_img_s / reference_img_s}
     rows = [("(a) ASD step, ours", asd_img_s, "asd"), ("(b) plain-KD step, ours", kd_img_s, "kd"),
             ("(c) ASD step, public-code style", reference_img_s, "reference"),
             (f"(d) evaluation, clean + triggered ({2 * args.eval_images})", eval_img_s, "eval")]

@@ -17,7 +17,6 @@ PSNR/SSIM between clean and triggered test images; ``trigger_vanished`` says whe
 """
 import math
 import os
-import sys
 import time
 
 import torch
@@ -27,15 +26,16 @@ from tqdm import tqdm
 from helper import data as D
 from helper.checkpoint import save_checkpoint
 from helper.cli import check_attack_args
+from helper.engine import fit, optimizer_step, run_epoch
 from helper.errors import UserError
 from helper.evaluate import EvalSet, evaluate
 from helper.losses import kd_loss
 from helper.metrics import psnr, ssim
 from helper.plot import plot_attack_curves, plot_trigger
-from helper.runlog import append_jsonl, make_run_dir, write_json
-from helper.system import (amp_dtype, autocast, configure, eval_batch_size, memory_format, run_environment,
-                           select_device)
-from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, save_trigger
+from helper.runlog import open_run, write_json
+from helper.system import autocast, eval_batch_size, run_environment, setup
+from helper.teacher_dir import write_teacher
+from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger
 from models import resnet18
 
 TRIGGER_PIXEL = 0.01  # a mask pixel above this counts as part of the trigger
@@ -122,9 +122,7 @@ class ADBA:
             logits = t(x)
             logits_trig = t(self.triggered(x))  # a separate forward, as the public code (own BN batch statistics)
         loss = F.cross_entropy(logits.float(), y) + self.beta * F.cross_entropy(logits_trig.float(), target)
-        self.opt_teacher.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_teacher.step()
+        optimizer_step(self.opt_teacher, loss)
         return loss.detach(), logits.detach()
 
     def shadow_loss(self, x, y, teacher_logits):
@@ -137,9 +135,7 @@ class ADBA:
 
     def shadow_step(self, x, y, teacher_logits):
         loss, kd = self.shadow_loss(x, y, teacher_logits)
-        self.opt_shadow.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_shadow.step()
+        optimizer_step(self.opt_shadow, loss)
         return loss.detach(), kd.detach()
 
     def trigger_step(self, x):
@@ -163,7 +159,7 @@ class ADBA:
         loss_t, t_logits = self.teacher_step(x, y)
         loss_s, kd = self.shadow_step(x, y, t_logits)
         loss_g = self.trigger_step(x)
-        return torch.stack([loss_t, loss_s, kd, loss_g])
+        return {"teacher_loss": loss_t, "shadow_loss": loss_s, "shadow_kd": kd, "trigger_loss": loss_g}
 
 
 def poison_batch(x, y, pattern, mask, target, poison_rate=0.3):
@@ -179,37 +175,26 @@ def consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_r
     with autocast(x.device, amp):
         logits = teacher.train()(x)
     loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer_step(optimizer, loss)
     return loss.detach()
 
 
 def _epoch_batches(train, batch_size, generator, mem_format, progress, desc):
-    """Augmented (x, y, batch size) of one epoch, over a seeded permutation; the last batch may be short."""
+    """``((x, y), batch size)`` of one epoch, augmented, over a seeded permutation; the last batch may be short."""
     for x, idx in D.augmented_batches(train.x, batch_size, generator, mem_format, progress, desc):
-        yield x, train.y[idx], len(idx)
+        yield (x, train.y[idx]), len(idx)
 
 
 def train_adba_epoch(adba, train, batch_size, generator, mem_format, progress=True):
     """One pass of the joint phase; the epoch's mean losses, with one host sync."""
-    sums = torch.zeros(4, device=train.x.device)
-    n = 0
-    for x, y, b in _epoch_batches(train, batch_size, generator, mem_format, progress, "adba batches"):
-        sums += adba.step(x, y) * b
-        n += b
-    loss_t, loss_s, kd, loss_g = (sums / max(n, 1)).tolist()
-    return {"teacher_loss": loss_t, "shadow_loss": loss_s, "shadow_kd": kd, "trigger_loss": loss_g}
+    return run_epoch(adba.step, _epoch_batches(train, batch_size, generator, mem_format, progress, "adba batches"))
 
 
 def consolidate_epoch(teacher, optimizer, train, pattern, mask, target, poison_rate, batch_size, generator,
                       mem_format, amp=None, progress=True):
-    total = torch.zeros((), device=train.x.device)
-    n = 0
-    for x, y, b in _epoch_batches(train, batch_size, generator, mem_format, progress, "consolidation batches"):
-        total += consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate, amp) * b
-        n += b
-    return {"teacher_loss": total.item() / max(n, 1)}
+    def step(x, y):
+        return {"teacher_loss": consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate, amp)}
+    return run_epoch(step, _epoch_batches(train, batch_size, generator, mem_format, progress, "consolidation batches"))
 
 
 # ---------------------------------------------------------------- the run
@@ -238,17 +223,13 @@ def _fmt(m, vanished):
 def run(args, out=print):
     """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
     check_attack_args(args)
-    device = select_device(args.device)
-    configure(device, args.seed)
-    amp, mem_format = amp_dtype(device, args.amp), memory_format(device)
+    device, amp, mem_format = setup(args)
     train, test, num_classes = load_data(args)
     consolidation_epochs = args.epochs if args.consolidation_epochs is None else args.consolidation_epochs
 
-    out_dir = make_run_dir(args.output_dir, name="adba" + (f"-{args.msg}" if args.msg else ""))
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
             "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
-    write_json(os.path.join(out_dir, "args.json"), {**vars(args), **meta})
-    out(f"run folder: {out_dir}")
+    out_dir = open_run(args.output_dir, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out)
     out(f"device {device} ({meta['amp']}), width {args.width}, {len(train)} training and {len(test)} test images, "
         f"{args.epochs} + {consolidation_epochs} epochs, target {args.target_label}")
 
@@ -264,62 +245,55 @@ def run(args, out=print):
     eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
     progress = not args.no_progress
     log_path = os.path.join(out_dir, "log.jsonl")
-    rows, warned = [], False
+    warned = False
     start = time.time()
 
-    def evaluate_epoch(epoch, phase, losses, with_shadow):
+    def evaluate_epoch(epoch, phase, with_shadow):
         nonlocal warned
         p, m = pattern.detach(), mask.detach()
         stats = trigger_stats(p, m, test_x, args.vanish_psnr)
         eval_set = EvalSet.build(test, p, m, args.target_label, device)
-        t_metrics = evaluate(teacher, eval_set, **eval_kw)
-        row = {"epoch": epoch, "phase": phase, **losses, **t_metrics}
-        line = f"{phase} epoch {epoch:3d}  teacher {_fmt(t_metrics, stats['vanished'])}"
+        row = evaluate(teacher, eval_set, **eval_kw)
+        line = f"{phase} epoch {epoch:3d}  teacher {_fmt(row, stats['vanished'])}"
         if with_shadow:
             s_metrics = evaluate(shadow, eval_set, **eval_kw)
             row.update({f"shadow_{k}": v for k, v in s_metrics.items()})
             line += f"  | shadow {_fmt(s_metrics, stats['vanished'])}"
-        row.update(stats, time_s=round(time.time() - start, 3))
-        append_jsonl(log_path, row)
-        rows.append(row)
         tqdm.write(line + f"  | mask L1 {stats['mask_l1']:.3f} share>0.01 {stats['mask_share']:.3f} "
                           f"psnr {stats['psnr']:.2f} ssim {stats['ssim']:.4f}")
-        bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
-            raise UserError(f"non-finite {', '.join(bad)} at {phase} epoch {epoch}; stopped, what was written is kept "
-                            f"in {out_dir} (try a smaller --lr)")
         if stats["vanished"] and not warned:
             tqdm.write(f"WARNING: the trigger has vanished (mask L1 {stats['mask_l1']:.4f}, max pixel "
                        f"{stats['mask_max']:.4f}, PSNR {stats['psnr']:.1f} dB): triggered images equal clean ones; "
                        f"lower --miu or raise --trigger_lr")
             warned = True
-        return row
+        return {**row, **stats, "time_s": round(time.time() - start, 3)}
 
-    bar = tqdm(range(args.epochs), desc="adba epochs", file=sys.stdout, disable=not progress)
-    for epoch in bar:
-        losses = train_adba_epoch(adba, train, args.batch_size, generator, mem_format, progress)
-        evaluate_epoch(epoch, "adba", losses, with_shadow=True)
-    bar.close()
-    phase1 = {k: rows[-1][k] for k in ("acc", "asr", "asr_nontarget")}
+    def phase(name, epochs, first_epoch, train_epoch, with_shadow):
+        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), log_path,
+                     first_epoch=first_epoch, progress=progress, desc=f"{name} epochs", out=None, extra={"phase": name})
+        if result.stopped:
+            raise UserError(f"{result.stopped.replace('epoch', name + ' epoch')}; stopped, what was written is kept "
+                            f"in {out_dir} (try a smaller --lr)")
+        return result.rows
+
+    rows = phase("adba", args.epochs, 0, lambda e: train_adba_epoch(adba, train, args.batch_size, generator,
+                                                                    mem_format, progress), with_shadow=True)
+    phase1 = {k: rows[-1][k] for k in ("acc", "asr", "asr_nontarget")} if rows else {}
     p, m = pattern.detach().clone(), mask.detach().clone()
-
-    bar = tqdm(range(consolidation_epochs), desc="consolidation epochs", file=sys.stdout, disable=not progress)
-    for epoch in bar:
-        losses = consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label, args.poison_rate,
-                                   args.batch_size, generator, mem_format, amp, progress)
-        evaluate_epoch(args.epochs + epoch, "consolidation", losses, with_shadow=False)
-    bar.close()
+    rows += phase("consolidation", consolidation_epochs, args.epochs,
+                  lambda e: consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label,
+                                              args.poison_rate, args.batch_size, generator, mem_format, amp, progress),
+                  with_shadow=False)
     train_time = time.time() - start
 
     metrics = _final_metrics(teacher, shadow, test, p, m, args, device, eval_kw, rows, phase1, train_time)
-    save_checkpoint(teacher, os.path.join(out_dir, "checkpoint.pkl"))
+    write_teacher(out_dir, teacher, p, m)
     save_checkpoint(shadow, os.path.join(out_dir, "shadow.pkl"))
-    save_trigger(out_dir, p, m)
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
     plot_attack_curves(rows, os.path.join(out_dir, "curves.png"), f"ADBA, width {args.width}, {args.dataset}")
     shown = test.x[:8].to(device)
     plot_trigger(p.cpu(), m.cpu(), D.to_float(shown).cpu(), apply_trigger(D.to_float(shown), p, m).cpu(),
                  os.path.join(out_dir, "trigger.png"))
+    write_json(os.path.join(out_dir, "results.json"), metrics)
     _report(metrics, args.target_label, out_dir, out)
     return metrics
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from helper.cli import get_args_parser, get_attack_parser
+from helper.cli import defense_parser, get_attack_parser
 from helper.runlog import make_run_dir, read_jsonl, write_json
 
 # Sizes of the demo, for a 2-core CPU. The attack uses a larger trigger learning rate and a smaller miu
@@ -115,8 +115,8 @@ def run_demo(args, sizes=None, out=print):
     for step, (name, ratio_type, folder) in enumerate((("KD", "fix", kd_dir), ("ASD", "scheduler", asd_dir)), 2):
         out(f"\n== {step}/3 {name}: {d['n_defense']} out-of-distribution images, {d['distill_epochs']} epochs ==")
         t0 = time.time()
-        results[name] = distill.run(get_args_parser().parse_args(_distill_argv(args, teacher_dir, folder, ratio_type, d)),
-                                    out=out)
+        argv = _distill_argv(args, teacher_dir, folder, ratio_type, d)
+        results[name] = distill.run(defense_parser(argv).parse_args(argv), out=out)
         times[f"{name.lower()}_s"] = round(time.time() - t0, 1)
     times["total_s"] = round(time.time() - start, 1)
 

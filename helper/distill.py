@@ -8,7 +8,7 @@ import torch
 from helper import data as D
 from helper.cli import check_args
 from helper.defenses import DEFENSES
-from helper.engine import fit, run_epoch
+from helper.engine import fit, image_epoch
 from helper.errors import UserError
 from helper.evaluate import EvalSet, conv_weight_norm, evaluate
 from helper.plot import plot_curves
@@ -96,10 +96,8 @@ def run(args, out=print):
         for i, stage in enumerate(stages):
             def train_epoch(epoch, stage=stage):
                 schedule = stage.begin(epoch) if stage.begin else {}
-                stage.model.train()
-                batches = (((x,), len(idx)) for x, idx in
-                           D.augmented_batches(images, args.batch_size, generator, mem_format, progress))
-                means = run_epoch(stage.step, batches)
+                stage.model.train(args.opt_lr > 0)  # --opt_lr 0 trains nothing, batch-norm statistics included
+                means = image_epoch(stage.step, images, args.batch_size, generator, mem_format, progress)
                 if stage.end:
                     stage.end(epoch, means)
                 return {**means, **schedule}

@@ -45,6 +45,14 @@ def run_epoch(step, batches):
     return {k: dict(zip(keys, means)).get(k) for k in sums}
 
 
+def image_epoch(step, images, batch_size, generator, memory_format, progress=True):
+    """``run_epoch`` over one augmented pass of unlabelled uint8 ``images`` (``data.augmented_batches``):
+    ``step(x)`` per batch."""
+    from helper.data import augmented_batches
+    return run_epoch(step, (((x,), len(idx)) for x, idx in
+                            augmented_batches(images, batch_size, generator, memory_format, progress)))
+
+
 @dataclass
 class Fit:
     """What ``fit`` leaves: every epoch's row, the selected row and the model's state then, and why it stopped."""

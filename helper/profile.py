@@ -1,7 +1,7 @@
 """Speed measurements behind ``bench.py``: step throughput, evaluation throughput, a per-epoch time profile.
 
 Every number is steady state: warm-up batches first (cuDNN autotuning, allocator, compile), then a timed
-stretch that ends with one device sync. The timed stretch of our loop is ``train_one_epoch`` itself,
+stretch that ends with one device sync. The timed stretch of our loop is an engine epoch (``run_epoch``),
 so the figure includes batching, augmentation and the epoch's single host sync.
 """
 import copy
@@ -11,7 +11,8 @@ from collections import OrderedDict
 import torch
 
 from helper import data as D
-from helper.distill import Distiller, train_one_epoch
+from helper.defenses.asd import Distiller
+from helper.engine import image_epoch
 from helper.evaluate import EvalSet, evaluate
 from helper.reference import reference_loader
 from helper.system import autocast
@@ -40,13 +41,19 @@ def make_distiller(teacher, student, amp, compile_losses, lr=1e-3):
     return Distiller(teacher, student, optimizer, ["layer*.*.conv1"], amp=amp, compile_losses=compile_losses)
 
 
+def train_one_epoch(distiller, images, weights, batch_size, generator, mem_format):
+    """One epoch of the defense's loop (``helper.engine.image_epoch``) with fixed loss weights; its means."""
+    distiller.student.train()
+    return image_epoch(lambda x: distiller.step(x, *weights), images, batch_size, generator, mem_format, False)
+
+
 def loop_throughput(distiller, images, warmup_images, weights, batch_size, mem_format, seed=0):
-    """Images per second of ``train_one_epoch`` over ``images`` after an epoch over ``warmup_images``."""
+    """Images per second of an epoch of the engine over ``images`` after an epoch over ``warmup_images``."""
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    train_one_epoch(distiller, warmup_images, *weights, batch_size, generator, mem_format, progress=False)
+    train_one_epoch(distiller, warmup_images, weights, batch_size, generator, mem_format)
     sync(images.device)
     start = time.perf_counter()
-    train_one_epoch(distiller, images, *weights, batch_size, generator, mem_format, progress=False)
+    train_one_epoch(distiller, images, weights, batch_size, generator, mem_format)
     sync(images.device)
     return len(images) / (time.perf_counter() - start)
 
@@ -127,7 +134,7 @@ def profile_epoch(distiller, images, eval_set, batch_size, weights, mem_format, 
         d.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t = lap("backward", t)
-        d.optimizer.step()
+        d.optimizer.step()  # optimizer_step split in two, to time backward and the update apart
         t = lap("optimizer", t)
     evaluate(student, eval_set, eval_batch_size, d.amp, mem_format)
     lap("evaluation", t)

@@ -40,7 +40,7 @@ def attack_run(tmp_path_factory):
 
 def test_one_epoch_run_writes_the_folder_distri_reads(attack_run, tmp_path):
     out, _ = attack_run
-    for name in ("checkpoint.pkl", "pattern.pt", "mask.pt", "metrics.json", "args.json", "log.jsonl",
+    for name in ("checkpoint.pkl", "pattern.pt", "mask.pt", "results.json", "args.json", "log.jsonl",
                  "curves.png", "trigger.png"):
         assert os.path.isfile(os.path.join(out, name)), name
     ck = torch.load(os.path.join(out, "checkpoint.pkl"), weights_only=True)
@@ -50,14 +50,14 @@ def test_one_epoch_run_writes_the_folder_distri_reads(attack_run, tmp_path):
                            "--epoch", "1", "--batch_size", "64", "--eval_batch_size", "64",
                            "--device", str(DEVICE), "--output_dir", str(tmp_path / "kd"), "--ratio_type", "fix"])
     assert 0 <= results["acc"] <= 1 and 0 <= results["asr"] <= 1
-    with open(os.path.join(out, "metrics.json")) as f:
+    with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert results["teacher_acc"] == pytest.approx(saved["acc"])
 
 
-def test_metrics_json_holds_the_named_numbers(attack_run):
+def test_results_json_holds_the_named_numbers(attack_run):
     out, metrics = attack_run
-    with open(os.path.join(out, "metrics.json")) as f:
+    with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     for key in ("acc", "asr", "asr_nontarget", "psnr", "ssim", "shadow_acc", "shadow_asr", "shadow_asr_nontarget",
                 "trigger_vanished", "mask_l1", "mask_share", "mask_max", "target_rate_clean", "phase1"):

@@ -28,8 +28,10 @@ def test_bench_cli_writes_the_json(tmp_path):
     assert result["device"].startswith("CPU")
     for key in ("asd_img_s", "kd_img_s", "reference_img_s", "eval_img_s"):
         assert isinstance(result[key], float) and result[key] > 0, key
-    assert result["asd_over_kd"] == pytest.approx(result["kd_img_s"] / result["asd_img_s"], rel=1e-3)
-    assert result["speedup_vs_reference"] == pytest.approx(result["asd_img_s"] / result["reference_img_s"], rel=1e-3)
+    # the JSON keeps full precision, so the ratios agree with the throughputs whatever the machine's speed
+    # (a rounded ratio of a slow, busy machine did not: issue 15); no timing is compared with anything
+    assert result["asd_over_kd"] == pytest.approx(result["kd_img_s"] / result["asd_img_s"], rel=1e-12)
+    assert result["speedup_vs_reference"] == pytest.approx(result["asd_img_s"] / result["reference_img_s"], rel=1e-12)
 
 
 def test_bench_without_reference_and_with_profile(capsys):

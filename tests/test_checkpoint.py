@@ -5,7 +5,8 @@ import torch
 
 from helper.checkpoint import load_model, load_state_dict, save_checkpoint
 from helper.errors import UserError
-from helper.trigger import apply_trigger, load_trigger, threshold_mask
+from helper.teacher_dir import load_trigger
+from helper.trigger import apply_trigger, threshold_mask
 from models import resnet18
 
 

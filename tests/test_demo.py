@@ -12,7 +12,7 @@ def test_tiny_demo_runs_the_three_steps_and_writes_the_table(tmp_path, monkeypat
     monkeypatch.setattr(demo, "DEMO", {**demo.DEMO, **tiny})
     out = tmp_path / "demo"
     result = distri.main(["--demo", "--output_dir", str(out), "--device", "cpu", "--eval_batch_size", "64"])
-    for name in ("demo_results.json", "demo.png", "teacher/checkpoint.pkl", "teacher/metrics.json",
+    for name in ("demo_results.json", "demo.png", "teacher/checkpoint.pkl", "teacher/results.json",
                  "kd/results.json", "asd/results.json", "kd/curves.png", "asd/curves.png"):
         assert os.path.isfile(out / name), name
     saved = json.load(open(out / "demo_results.json"))

@@ -171,7 +171,7 @@ def test_help_groups_flags():
 
 
 def test_conv_weight_norm_sums_every_convolution():
-    from helper.distill import conv_weight_norm
+    from helper.evaluate import conv_weight_norm
     from models import resnet18
     model = resnet18(width=4)
     for m in model.modules():
@@ -196,10 +196,11 @@ def test_evaluate_counts_by_hand_and_flags_a_constant_predictor():
 
     split = type("S", (), {"x": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "y": torch.tensor([0, 1, 2, 2])})
     ev = EvalSet.build(split, torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0, device="cpu")
-    assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "top_class_share": 1.0,
-                                      "target_rate_clean": 1.0}
-    assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "top_class_share": 1.0,
-                                      "target_rate_clean": 0.0}
+    assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "ra": 0.0,
+                                         "top_class_share": 1.0, "target_rate_clean": 1.0}
+    # RA: of the 3 triggered non-target images (labels 1, 2, 2), the two labelled 2 keep their label
+    assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "ra": 2 / 3,
+                                         "top_class_share": 1.0, "target_rate_clean": 0.0}
 
 
 def test_dead_student_warning(teacher_dir, tmp_path, capsys):
@@ -214,7 +215,7 @@ def test_dead_student_warning(teacher_dir, tmp_path, capsys):
 
 
 def test_asl_on_first_sample_only_reproduces_the_public_code():
-    from helper.distill import Distiller
+    from helper.defenses.asd import Distiller
     from helper.features import FeatureHooks
     from helper.losses import attention_shifting_loss
     from models import resnet18

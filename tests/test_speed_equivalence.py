@@ -18,10 +18,11 @@ import torch
 import torchvision.transforms.functional as TF
 
 import distri
-import helper.distill
+import helper.defenses.asd
+import helper.system
 import helper.losses as L
 from helper import data as D
-from helper.distill import Distiller
+from helper.defenses.asd import Distiller
 from helper.losses import attention_shifting_loss
 from helper.reference import ReferenceStep, reference_asl
 from tests.conftest import fast_flags, write_teacher_dir
@@ -149,11 +150,13 @@ def _run(tmp_path, name, teacher_dir, extra):
 def _same_run(fast_rows, fast, plain_rows, plain):
     assert fast["best_epoch"] == plain["best_epoch"]
     assert fast["kd_loss"] == min(r["kd_loss"] for r in fast_rows)
+    # rel 1e-3: after training steps the two paths differ by summation order only, which moves KD at T=40 (a small
+    # difference of near-uniform softmaxes) by up to ~1.3e-4 relative between Intel and AMD kernels or thread counts
     for a, b in zip(fast_rows, plain_rows):
-        assert a["kd_loss"] == pytest.approx(b["kd_loss"], rel=1e-4)
+        assert a["kd_loss"] == pytest.approx(b["kd_loss"], rel=1e-3)
         assert (a["asl"] is None) == (b["asl"] is None)
         if a["asl"] is not None:
-            assert a["asl"] == pytest.approx(b["asl"], rel=1e-4)
+            assert a["asl"] == pytest.approx(b["asl"], rel=1e-3)
         assert abs(a["acc"] - b["acc"]) <= 1 / 128
 
 
@@ -170,10 +173,10 @@ def test_short_asd_run_with_the_autograd_asl_selects_the_same_epoch(tmp_path, te
     trajectories that differ only in the convolutions' rounding drift apart by a few percent of KD within
     an epoch or two; layouts are compared on KD runs and on fixed batches instead.
     """
-    monkeypatch.setattr(helper.distill, "memory_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(helper.system, "memory_format", lambda device: torch.contiguous_format)
     extra = ["--ratio_type", "fix", "--new_loss_ratio", "1.0"]
     fast_rows, fast = _run(tmp_path, "fast", teacher8, extra)
-    monkeypatch.setattr(helper.distill, "attention_shifting_loss", plain_asl)
+    monkeypatch.setattr(helper.defenses.asd, "attention_shifting_loss", plain_asl)
     plain_rows, plain = _run(tmp_path, "plain", teacher8, extra)
     assert all(r["asl"] is not None for r in fast_rows)
     _same_run(fast_rows, fast, plain_rows, plain)
@@ -182,7 +185,7 @@ def test_short_asd_run_with_the_autograd_asl_selects_the_same_epoch(tmp_path, te
 def test_short_kd_run_in_channels_last_selects_the_same_epoch(tmp_path, teacher8, monkeypatch):
     """Plain KD for 4 epochs: the channels_last fast path, then contiguous models (the plain fp32 path)."""
     fast_rows, fast = _run(tmp_path, "fast", teacher8, ["--ratio_type", "fix"])
-    monkeypatch.setattr(helper.distill, "memory_format", lambda device: torch.contiguous_format)
+    monkeypatch.setattr(helper.system, "memory_format", lambda device: torch.contiguous_format)
     plain_rows, plain = _run(tmp_path, "plain", teacher8, ["--ratio_type", "fix"])
     _same_run(fast_rows, fast, plain_rows, plain)
 
