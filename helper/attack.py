@@ -269,8 +269,8 @@ def run(args, out=print):
         return {**row, **stats, "time_s": round(time.time() - start, 3)}
 
     def phase(name, epochs, first_epoch, train_epoch, with_shadow):
-        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), log_path,
-                     first_epoch=first_epoch, progress=progress, desc=f"{name} epochs", out=None, extra={"phase": name})
+        result = fit(range(first_epoch, first_epoch + epochs), train_epoch,
+                     lambda e: evaluate_epoch(e, name, with_shadow), log_path, progress=progress, desc=f"{name} epochs", out=None, extra={"phase": name})
         if result.stopped:
             raise UserError(f"{result.stopped.replace('epoch', name + ' epoch')}; stopped, what was written is kept "
                             f"in {out_dir} (try a smaller --lr)")

@@ -1,32 +1,76 @@
 """Reading and writing model checkpoints. Checkpoints are untrusted: every load is ``weights_only=True``."""
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 
 import torch
 
 from helper.errors import UserError
+from helper.runlog import atomic_torch_save
 from models import resnet18
 
 
-def _safe_load(path, what):
+SAFE_MODULES = ("torch", "collections", "builtins", "_codecs")  # what a file of plain tensors refers to
+
+
+def pickle_globals(path):
+    """The ``module.name`` globals a pickle file (or a ``torch.save`` zip's ``data.pkl``) would import, in order,
+    and whether the whole stream parsed as a pickle.
+
+    Read with ``pickletools`` (nothing is executed): ``GLOBAL`` carries its name, ``STACK_GLOBAL`` takes the two
+    strings pushed before it.
+    """
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            data = z.read(names[0]) if names else b""
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # a truncated or foreign stream: report what was found before it
+        return found, False
+    return found, True
+
+
+def safe_load(path, what):
+    """``torch.load(path, weights_only=True)`` on the CPU; anything else is one UserError naming the file.
+
+    A file that would import code when unpickled is refused with the global it names, whatever torch's
+    wording (its own message suggests ``weights_only=False``, the one thing not to do here).
+    """
     if not os.path.isfile(path):
         raise UserError(f"{what} file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        detail = detail.group(1).strip().split(". ")[0] if detail else str(e).strip().split("\n")[0]
-        if "Unsupported global" in detail:
-            raise UserError(f"refused to load {path}: unpickling it would run code ({detail}); "
-                            f"only plain tensors are accepted") from None
-        raise UserError(f"cannot read {path} as a torch file: {detail}") from None
-    except Exception as e:  # truncated or foreign file
+    except Exception as e:  # an unsafe, truncated or foreign file
+        found, parsed = pickle_globals(path)
+        unsafe = [g for g in found if not g.startswith(SAFE_MODULES)]
+        if unsafe:
+            raise UserError(f"refused: unpickling {path} would call {unsafe[0]}; only tensors are loaded") from None
+        if parsed and isinstance(e, pickle.UnpicklingError):
+            raise UserError(f"refused: {path} holds more than tensors (torch's weights-only reader stopped: "
+                            f"{_first_reason(e)}); only tensors are loaded") from None
         raise UserError(f"cannot read {path} as a torch file: {type(e).__name__}: {e}") from None
 
 
+def _first_reason(error):
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error)) or re.search(r"(Trying to load .+?\.)", str(error))
+    return detail.group(1).strip().split(". ")[0] if detail else str(error).strip().split("\n")[0][:200]
+
+
 def load_tensor_file(path, what="tensor"):
-    obj = _safe_load(path, what)
+    obj = safe_load(path, what)
     if not isinstance(obj, torch.Tensor):
         raise UserError(f"{path} should hold one tensor, found {type(obj).__name__}")
     return obj
@@ -45,7 +89,7 @@ def extract_state_dict(obj, path="checkpoint"):
 
 
 def load_state_dict(path):
-    return extract_state_dict(_safe_load(path, "checkpoint"), path)
+    return extract_state_dict(safe_load(path, "checkpoint"), path)
 
 
 def infer_arch(state_dict, path="checkpoint"):
@@ -91,4 +135,4 @@ def load_model(path, width=None):
 def save_checkpoint(model, path):
     """Save as ADBA does: a list holding one state dict of CPU tensors."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save([state], path)
+    atomic_torch_save([state], path)

@@ -38,6 +38,11 @@ def add_output_args(parser):
                                                      "a folder that already holds files is refused")
     g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --output_dir from its last completed epoch (last.pt); "
+                        "the other arguments must be those it was started with")
+    g.add_argument("--checkpoint_every", type=int, default=1,
+                   help="write last.pt (what --resume continues from) every this many epochs")
     return g
 
 
@@ -137,7 +142,7 @@ def defense_parser(argv=None, **defaults):
 def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
-    for name in ("batch_size", "epoch", "eval_batch_size"):
+    for name in ("batch_size", "epoch", "eval_batch_size", "checkpoint_every"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if getattr(args, "temperature", 1) <= 0:

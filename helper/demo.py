@@ -70,7 +70,7 @@ def format_table(rows):
 
 def plot_demo(table, kd_rows, asd_rows, path):
     """A bar chart of the table and the Acc/ASR curves of the two distillations; saved as PNG."""
-    from helper.plot import plt  # matplotlib with the Agg backend
+    from helper.plot import plt, save_figure  # matplotlib with the Agg backend
     fig, (ax_bar, ax_kd, ax_asd) = plt.subplots(1, 3, figsize=(16, 4))
     keys = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"))
     width = 0.8 / len(keys)
@@ -89,8 +89,7 @@ def plot_demo(table, kd_rows, asd_rows, path):
         ax.set_title(f"student during {title}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_demo(args, sizes=None, out=print):

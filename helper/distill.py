@@ -1,6 +1,7 @@
 """The defense run of distri.py: any registered defense (``helper.defenses``) of a frozen backdoored teacher."""
 import copy
 import os
+import signal
 import time
 
 import torch
@@ -8,11 +9,13 @@ import torch
 from helper import data as D
 from helper.cli import check_args
 from helper.defenses import DEFENSES
-from helper.engine import fit, image_epoch
-from helper.errors import UserError
+from helper.engine import Fit, fit, image_epoch
+from helper.errors import Stopped, UserError
 from helper.evaluate import EvalSet, conv_weight_norm, evaluate
+from helper.interrupt import stop_on_signals
 from helper.plot import plot_curves
-from helper.runlog import open_run, write_json
+from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
+from helper.runlog import atomic_torch_save, read_jsonl, write_json
 from helper.system import eval_batch_size, run_environment, setup
 from helper.teacher_dir import read_teacher, write_teacher
 from models import resnet18
@@ -70,7 +73,12 @@ def run(args, out=print):
     meta = {**run_environment(device, amp), "n_defense": len(images), "n_test": len(eval_set.labels),
             "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
             "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from}
-    out_dir = open_run(args.output_dir, _run_name(args), {**vars(args), **meta}, out)
+    try:
+        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out)
+    except Finished as done:
+        out(f"{args.output_dir} is a finished run (results.json); nothing to resume")
+        defense.close()
+        return done.results
     out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['amp']}), defense {args.defense}, "
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
         + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
@@ -90,56 +98,89 @@ def run(args, out=print):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     log_path = os.path.join(out_dir, "log.jsonl")
     progress = not args.no_progress
-    start = time.time()
-    rows = []
+    first_stage, first_epoch, rows, result = 0, 0, [], Fit()
+    if last is not None:  # --resume: every stage's model and optimizer, the lr drop, the RNGs, the selection
+        for stage, model, opt, dropped in zip(stages, last["models"], last["optimizers"], last["lr_drops"]):
+            stage.model.load_state_dict(model)
+            stage.optimizer.load_state_dict(opt)
+            stage.lr_drop.dropped_at = dropped
+        set_rng_states(generator, last["rng"])
+        first_stage, first_epoch, rows = last["stage"], last["epoch"], read_jsonl(log_path)
+        result = Fit(best=last["best"], best_state=last["best_state"])
+    start = time.time() - (last["elapsed"] if last else 0.0)
+
+    def save_last_epoch(i, epoch, fit_result):
+        stage = stages[i]
+        if (epoch + 1) % args.checkpoint_every and epoch + 1 < stage.epochs:
+            return
+        nxt = (i, epoch + 1) if epoch + 1 < stage.epochs else (i + 1, 0)
+        save_last(out_dir, {"stage": nxt[0], "epoch": nxt[1], "models": [s.model.state_dict() for s in stages],
+                            "optimizers": [s.optimizer.state_dict() for s in stages],
+                            "lr_drops": [s.lr_drop.dropped_at for s in stages], "rng": rng_states(generator),
+                            "best": fit_result.best, "best_state": fit_result.best_state,
+                            "n_rows": len(rows) + len(fit_result.rows), "elapsed": time.time() - start})
+
     try:
-        for i, stage in enumerate(stages):
-            def train_epoch(epoch, stage=stage):
-                schedule = stage.begin(epoch) if stage.begin else {}
-                stage.model.train(args.opt_lr > 0)  # --opt_lr 0 trains nothing, batch-norm statistics included
-                means = image_epoch(stage.step, images, args.batch_size, generator, mem_format, progress)
-                if stage.end:
+        with stop_on_signals():
+            for i, stage in enumerate(stages):
+                if i < first_stage:
+                    continue
+
+                def train_epoch(epoch, stage=stage):
+                    schedule = stage.begin(epoch)
+                    stage.model.train(args.opt_lr > 0)  # --opt_lr 0 trains nothing, batch-norm statistics included
+                    means = image_epoch(stage.step, images, args.batch_size, generator, mem_format, progress)
                     stage.end(epoch, means)
-                return {**means, **schedule}
+                    return {**means, **schedule}
 
-            def evaluate_epoch(epoch, stage=stage):
-                return {**evaluate(stage.model, eval_set, **eval_kw), "conv_weight_norm": conv_weight_norm(stage.model),
-                        "time_s": round(time.time() - start, 3)}
+                def evaluate_epoch(epoch, stage=stage):
+                    return {**evaluate(stage.model, eval_set, **eval_kw),
+                            "conv_weight_norm": conv_weight_norm(stage.model), "time_s": round(time.time() - start, 3)}
 
-            last = i == len(stages) - 1
-            result = fit(stage.epochs, train_epoch, evaluate_epoch, log_path, select_key="kd_loss" if last else None,
-                         select_from=select_from, state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items()},
-                         progress=progress, desc=f"{stage.name or args.defense} epochs",
-                         extra={"stage": stage.name} if stage.name else None)
-            rows += result.rows
-            if result.stopped:
-                results["stopped"] = result.stopped
-                _finish(out_dir, rows, results, None, None, None, pattern, mask, args, defense, start)
-                raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
+                is_last = i == len(stages) - 1
+                result = fit(range(first_epoch if i == first_stage else 0, stage.epochs), train_epoch, evaluate_epoch,
+                             log_path, select_key="kd_loss" if is_last else None, select_from=select_from,
+                             state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items()},
+                             progress=progress, desc=f"{stage.name or args.defense} epochs",
+                             extra={"stage": stage.name} if stage.name else None,
+                             result=result if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
+                rows += result.rows
+                result.rows = []
+                if result.stopped == "interrupted":
+                    results["stopped"] = "interrupted"
+                    _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args,
+                            stages, start)
+                    done = len([r for r in rows if "stage" not in r])
+                    raise Stopped(f"interrupted by {signal.Signals(result.signum).name} with {done} of {args.epoch} "
+                                  f"epochs done; what was written is kept in {out_dir}; continue with: "
+                                  f"{resume_hint(out_dir)}", result.signum)
+                if result.stopped:
+                    results["stopped"] = result.stopped
+                    _finish(out_dir, rows, results, None, None, None, pattern, mask, args, stages, start)
+                    raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
     finally:
         defense.close()
-    return _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args, defense,
+    return _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args, stages,
                    start, out)
 
 
-def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, args, defense, start, out=None):
-    """Write results.json, the checkpoints and curves.png; print the selected result."""
+def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, args, stages, start, out=None):
+    """Write the checkpoints, curves.png and, last, results.json; print the selected result."""
     if best is not None:
         results.update({k: best[k] for k in (*METRICS, "top_class_share", "kd_loss")}, best_epoch=best["epoch"])
     final = [r for r in rows if "stage" not in r]
     if final:
         results["final"] = {k: final[-1][k] for k in ("epoch", *METRICS, "kd_loss")}
-    lr_drop = getattr(defense, "lr_drop", None)
-    results.update(lr_dropped_at=lr_drop.dropped_at if lr_drop else None, epochs_run=len(final),
+    results.update(lr_dropped_at=stages[-1].lr_drop.dropped_at, epochs_run=len(final),
                    train_time_s=round(time.time() - start, 2))
-    write_json(os.path.join(out_dir, "results.json"), results)
     if student is not None:
         write_teacher(out_dir, student, pattern, mask)
     if best_state is not None:
-        torch.save([{k: v.cpu() for k, v in best_state.items()}], os.path.join(out_dir, "selected.pkl"))
+        atomic_torch_save([{k: v.cpu() for k, v in best_state.items()}], os.path.join(out_dir, "selected.pkl"))
     if final:
         title = f"{_run_name(args)}: selected epoch {results.get('best_epoch')}"
         plot_curves(final, os.path.join(out_dir, "curves.png"), title, results.get("best_epoch"))
+    write_json(os.path.join(out_dir, "results.json"), results)  # last: a results.json means every file is whole
     if out is not None and best is not None:
         out(f"result (epoch {best['epoch']}, lowest KD loss {best['kd_loss']:.4f} from epoch {results['select_from']}): "
             + "  ".join(f"{k} {best[k]:.4f}" for k in METRICS))

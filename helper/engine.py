@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from helper import interrupt
 from helper.runlog import append_jsonl
 
 SHORT = {"kd_loss": "kd", "asr_nontarget": "asr_nt"}  # names in the printed epoch line
@@ -29,10 +30,12 @@ def run_epoch(step, batches):
     """Run ``step(*batch)`` over ``(batch, size)`` pairs; the size-weighted means of the named tensors it returns.
 
     ``step`` returns a dict of 0-d device tensors (a value may be None: then the key's mean is None).
-    The sums stay on the device; the epoch ends in one host sync.
+    The sums stay on the device; the epoch ends in one host sync. Raises ``interrupt.Interrupted`` before the
+    next step once a stop was asked for.
     """
     sums, n = {}, 0
     for batch, size in batches:
+        interrupt.check()  # a Ctrl-C / SIGTERM stops between two steps (helper.interrupt)
         for key, value in step(*batch).items():
             if value is None:
                 sums.setdefault(key, None)
@@ -59,7 +62,8 @@ class Fit:
     rows: list = field(default_factory=list)
     best: dict = None
     best_state: dict = None
-    stopped: str = None
+    stopped: str = None       # "non-finite loss at epoch E (keys)" or "interrupted"
+    signum: int = None        # the signal that interrupted it
 
 
 def _fmt(value):
@@ -76,18 +80,23 @@ def epoch_line(row):
 
 
 def fit(epochs, train_epoch, evaluate_epoch, log_path, select_key=None, select_from=0, state=None,
-        first_epoch=0, progress=True, desc="epochs", out=tqdm.write, extra=None):
-    """Train for ``epochs`` epochs, top to bottom:
+        progress=True, desc="epochs", out=tqdm.write, extra=None, result=None, after_epoch=None):
+    """Train over the epoch numbers ``epochs`` (a range), top to bottom:
 
     1. ``train_epoch(epoch)`` trains one epoch and returns its means (and schedule values);
     2. ``evaluate_epoch(epoch)`` returns the metrics of the model after it;
     3. the row ``{epoch, **extra, **train means, **metrics}`` is appended to ``log_path`` and printed;
     4. a non-finite train mean stops the loop (``Fit.stopped`` says at which epoch; what was written stays);
     5. from ``select_from`` on, the row with the lowest ``select_key`` (the mean KD loss: a defender has no
-       labelled data to select by accuracy) is kept, with ``state()`` of that moment.
+       labelled data to select by accuracy) is kept, with ``state()`` of that moment;
+    6. ``after_epoch(epoch, fit)`` (``--resume``'s ``last.pt``).
+
+    A stop asked for by a signal (``helper.interrupt``) ends the loop between two steps with ``stopped =
+    "interrupted"``; the epoch under way is dropped (a resumed run does it again). ``result`` continues a
+    ``Fit`` (its rows are not repeated in ``log_path``).
     """
-    result = Fit()
-    bar = tqdm(range(first_epoch, first_epoch + epochs), desc=desc, file=sys.stdout, disable=not progress)
+    result = result or Fit()
+    bar = tqdm(epochs, desc=desc, file=sys.stdout, disable=not progress)
     try:
         for epoch in bar:
             stats = train_epoch(epoch)
@@ -104,6 +113,10 @@ def fit(epochs, train_epoch, evaluate_epoch, log_path, select_key=None, select_f
                     result.best is None or row[select_key] < result.best[select_key]):
                 result.best = row
                 result.best_state = state() if state is not None else None
+            if after_epoch is not None:
+                after_epoch(epoch, result)
+    except interrupt.Interrupted as e:
+        result.stopped, result.signum = "interrupted", e.signum
     finally:
         bar.close()
     return result

@@ -3,8 +3,16 @@ import math
 
 import matplotlib
 
+from helper.runlog import atomic_write
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_figure(fig, path, dpi=110):
+    """Save a figure as PNG atomically and close it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    plt.close(fig)
 
 
 def plot_curves(rows, path, title="", best_epoch=None):
@@ -34,8 +42,7 @@ def plot_curves(rows, path, title="", best_epoch=None):
     ax_metric.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _with_unit_axis(ax, epochs, values, label, ylabel, unit_values, unit_label):
@@ -81,8 +88,7 @@ def plot_attack_curves(rows, path, title=""):
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_trigger(pattern, mask, clean, triggered, path):
@@ -103,5 +109,4 @@ def plot_trigger(pattern, mask, clean, triggered, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

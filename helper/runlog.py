@@ -1,4 +1,8 @@
-"""The run folder: arguments, one JSON line per epoch, results. An existing run is never overwritten."""
+"""The run folder: arguments, one JSON line per epoch, results. An existing run is never overwritten.
+
+Every file is written atomically (``atomic_write``: a temporary name in the same folder, then a rename), so a
+kill at any moment leaves each file either whole or absent; a run writes ``results.json`` last.
+"""
 import datetime
 import json
 import math
@@ -43,19 +47,52 @@ def _clean(value):
     return value
 
 
+def atomic_write(path, write):
+    """``write(tmp)`` writes the file under a temporary name beside ``path``, which then replaces ``path`` in
+    one rename; if ``write`` fails, ``path`` is untouched and the temporary file removed."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` through ``atomic_write``."""
+    import torch
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(_clean(obj), f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+    atomic_write(path, write)
 
 
 def append_jsonl(path, obj):
+    """Append one line and flush it to the file (the file is closed after every line)."""
     with open(path, "a") as f:
         f.write(json.dumps(_clean(obj), sort_keys=True, default=str) + "\n")
 
 
-def read_jsonl(path):
+def write_jsonl(path, rows):
+    """Rewrite a whole JSON-lines file atomically (``--resume`` keeps the lines of the completed epochs)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(_clean(r), sort_keys=True, default=str) + "\n" for r in rows)
+    atomic_write(path, write)
+
+
+def read_jsonl(path, complete_only=False):
+    """The rows of a JSON-lines file; ``complete_only`` drops a last line cut off by a kill."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if complete_only and lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    return [json.loads(line) for line in lines]

@@ -6,6 +6,7 @@ import torch
 
 from helper.checkpoint import load_model, load_tensor_file, save_checkpoint
 from helper.errors import UserError
+from helper.runlog import atomic_torch_save
 from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, threshold_mask
 
 
@@ -22,8 +23,8 @@ def load_trigger(read_dir, thresh=None):
 
 
 def save_trigger(out_dir, pattern, mask):
-    torch.save(pattern.detach().cpu().clone(), os.path.join(out_dir, "pattern.pt"))
-    torch.save(mask.detach().cpu().clone(), os.path.join(out_dir, "mask.pt"))
+    atomic_torch_save(pattern.detach().cpu().clone(), os.path.join(out_dir, "pattern.pt"))
+    atomic_torch_save(mask.detach().cpu().clone(), os.path.join(out_dir, "mask.pt"))
 
 
 def read_teacher(read_dir, width=None, thresh=None):

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helper.checkpoint import save_checkpoint
+from helper.teacher_dir import write_teacher
 from models import resnet18
 
 TEST_WIDTH = 4
@@ -14,11 +14,10 @@ def write_teacher_dir(path, width=TEST_WIDTH, seed=0, mask_value=0.3):
     """A folder as ADBA writes it: checkpoint.pkl (a list holding one state dict), pattern.pt, mask.pt."""
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    save_checkpoint(resnet18(num_classes=10, width=width), os.path.join(path, "checkpoint.pkl"))
-    torch.save(torch.rand(3, 32, 32), os.path.join(path, "pattern.pt"))
+    model = resnet18(num_classes=10, width=width)
     mask = torch.zeros(1, 32, 32)
     mask[:, -6:, -6:] = mask_value
-    torch.save(mask, os.path.join(path, "mask.pt"))
+    write_teacher(path, model, torch.rand(3, 32, 32), mask)
     return str(path)
 
 

@@ -26,7 +26,7 @@ def test_optimizer_step_is_one_sgd_step():
 
 def _fit(tmp_path, losses, select_from=0):
     states = iter(range(100))
-    return fit(len(losses), lambda e: {"kd_loss": losses[e]}, lambda e: {"acc": e / 10}, tmp_path / "log.jsonl",
+    return fit(range(len(losses)), lambda e: {"kd_loss": losses[e]}, lambda e: {"acc": e / 10}, tmp_path / "log.jsonl",
                select_key="kd_loss", select_from=select_from, state=lambda: next(states), progress=False, out=None)
 
 

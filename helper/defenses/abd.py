@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense
 from helper.losses import kd_per_sample
 
 
@@ -56,7 +56,6 @@ class ABD(Defense):
         generator = torch.Generator().manual_seed(a.seed)
         copies = [shuffled_copy(self.teacher, a.abd_layers, generator).eval() for _ in range(a.abd_copies)]
         optimizer = self.optimizer(student.parameters())
-        begin, end = self.lr_hooks(optimizer, a.epoch)
 
         def loss(s, t, x):
             with torch.no_grad():
@@ -64,4 +63,5 @@ class ABD(Defense):
             flagged = suspicious(ensemble, t)
             return (vaccine_loss(kd_per_sample(s, t, a.temperature), flagged, a.abd_coef),
                     {"flagged_share": flagged.float().mean()})
-        return [Stage("", a.epoch, student, self.distill_step(student, self.teacher, loss, optimizer), begin, end)]
+        step = self.distill_step(student, self.teacher, loss, optimizer)
+        return [self.make_stage("", a.epoch, student, optimizer, step)]

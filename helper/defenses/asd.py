@@ -3,7 +3,7 @@ import functools
 
 import torch
 
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense
 from helper.engine import optimizer_step
 from helper.features import DEFAULT_LAYERS, FeatureHooks
 from helper.losses import attention_shifting_loss, kd_loss
@@ -90,17 +90,16 @@ class ASD(Defense):
         self.distiller = Distiller(self.teacher, student, optimizer, layers, a.temperature, a.kd_reduction, a.eps,
                                    self.amp, self.compile_losses, a.asl_samples)
         self.hooked_layers = self.distiller.s_hooks.layers
-        lr_begin, lr_end = self.lr_hooks(optimizer, a.epoch, drop=self.lr_drop_enabled)
         weights = {}
 
         def begin(epoch):
             weights["kd"], weights["asl"] = loss_weights(epoch, a.ratio_type, a.main_loss_ratio, a.new_loss_ratio)
             return {"lambda": asd_ratio(epoch) if a.ratio_type == "scheduler" else None,
-                    "kd_weight": weights["kd"], "asl_weight": weights["asl"], **lr_begin(epoch)}
+                    "kd_weight": weights["kd"], "asl_weight": weights["asl"]}
 
         def step(x):
             return self.distiller.step(x, weights["kd"], weights["asl"])
-        return [Stage("", a.epoch, student, step, begin, lr_end)]
+        return [self.make_stage("", a.epoch, student, optimizer, step, begin, drop=self.lr_drop_enabled)]
 
     def close(self):
         if hasattr(self, "distiller"):

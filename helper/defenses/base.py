@@ -12,7 +12,7 @@ A defense subclasses ``Defense`` in one file of this folder and gets one line in
    with its name in the ``stage`` column.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -28,9 +28,11 @@ class Stage:
     name: str                     # "" for the student's stage, else logged in the ``stage`` column
     epochs: int
     model: torch.nn.Module        # the model this stage trains; evaluated after every epoch
+    optimizer: torch.optim.Optimizer
     step: Callable                # step(x) -> {name: 0-d tensor}; ``kd_loss`` among them
-    begin: Optional[Callable] = None  # begin(epoch) -> {name: value}, logged (lr, temperature, ...)
-    end: Optional[Callable] = None    # end(epoch, means) after the epoch's pass
+    begin: Callable               # begin(epoch) -> {name: value}, logged (lr, temperature, ...)
+    end: Callable                 # end(epoch, means) after the epoch's pass
+    lr_drop: LrDrop
 
 
 class Defense:
@@ -82,22 +84,24 @@ class Defense:
             return torch.optim.SGD(params, lr=lr, momentum=a.opt_mo, weight_decay=a.weight_decay)
         return torch.optim.Adam(params, lr=lr, weight_decay=a.weight_decay)
 
-    def lr_hooks(self, optimizer, epochs, drop=False):
-        """``(begin, end)`` of a stage for ``--lr_schedule`` (none | cosine over ``epochs``) and, when ``drop``,
-        the drop to ``--lr_drop_to`` once the mean KD loss reaches ``--lr_drop_kd`` (SPEC section 6)."""
+    def make_stage(self, name, epochs, model, optimizer, step, begin=None, drop=False):
+        """A ``Stage`` whose learning rate follows ``--lr_schedule`` (none | cosine over ``epochs``) and, when
+        ``drop``, drops to ``--lr_drop_to`` once the mean KD loss reaches ``--lr_drop_kd`` (SPEC section 6).
+        ``begin(epoch)`` adds the defense's own schedule values to the logged ones."""
         a, base = self.args, optimizer.param_groups[0]["lr"]
-        self.lr_drop = LrDrop(optimizer, a.lr_drop_kd, a.lr_drop_to, enabled=drop)
+        lr_drop = LrDrop(optimizer, a.lr_drop_kd, a.lr_drop_to, enabled=drop)
 
-        def begin(epoch):
-            if a.lr_schedule == "cosine" and self.lr_drop.dropped_at is None:
+        def begin_epoch(epoch):
+            logged = begin(epoch) if begin else {}
+            if a.lr_schedule == "cosine" and lr_drop.dropped_at is None:
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(base, epoch, epochs)
-            return {"lr": optimizer.param_groups[0]["lr"]}
+            return {**logged, "lr": optimizer.param_groups[0]["lr"]}
 
-        def end(epoch, means):
-            if self.lr_drop.step(epoch, means["kd_loss"]):
+        def end_epoch(epoch, means):
+            if lr_drop.step(epoch, means["kd_loss"]):
                 tqdm.write(f"epoch {epoch}: mean KD loss {means['kd_loss']:.4f} <= {a.lr_drop_kd}: lr -> {a.lr_drop_to}")
-        return begin, end
+        return Stage(name, epochs, model, optimizer, step, begin_epoch, end_epoch, lr_drop)
 
     def distill_step(self, model, source, loss_fn, optimizer):
         """A step whose loss is ``loss_fn(student_logits, source_logits) -> (loss, {name: tensor})``;

@@ -7,7 +7,7 @@ no T^2, at a temperature rising as ``T = 1 + 3 (epoch + 1) / epochs``.
 """
 import torch
 
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense
 from helper.losses import kd_loss
 from helper.schedule import bcu_temperature
 from models import resnet18
@@ -71,15 +71,15 @@ class BCU(Defense):
     def stages(self, student):
         a = self.args
         optimizer = self.optimizer(student.parameters())
-        lr_begin, lr_end = self.lr_hooks(optimizer, a.epoch)
         temperature = {}
 
         def begin(epoch):
             temperature["t"] = bcu_temperature(epoch, a.epoch, *a.bcu_temperature)
-            return {"bcu_t": temperature["t"], **lr_begin(epoch)}
+            return {"bcu_t": temperature["t"]}
 
         def loss(s, t, x):
             t_now = temperature["t"]
             kl = kd_loss(s, t, t_now, "batchmean") / t_now ** 2  # BCU: batch-mean KL without the T^2 factor
             return kl, {"bcu_kl": kl.detach()}
-        return [Stage("", a.epoch, student, self.distill_step(student, self.teacher, loss, optimizer), begin, lr_end)]
+        step = self.distill_step(student, self.teacher, loss, optimizer)
+        return [self.make_stage("", a.epoch, student, optimizer, step, begin)]

@@ -4,7 +4,7 @@ The public ASD code's ``CEwater`` main loss. The teacher labels the unlabelled i
 logits); the student, a copy of the teacher, is trained on those labels with SGD (lr 0.01, momentum 0.9,
 weight decay 5e-4, cosine) for 20 epochs, as NAD's fine-tuning baseline.
 """
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense
 from helper.losses import hard_label_ce
 
 
@@ -15,9 +15,9 @@ class FineTune(Defense):
 
     def stages(self, student):
         optimizer = self.optimizer(student.parameters())
-        begin, end = self.lr_hooks(optimizer, self.args.epoch)
 
         def loss(s, t, x):
             ce = hard_label_ce(s, t)
             return ce, {"ce": ce.detach()}
-        return [Stage("", self.args.epoch, student, self.distill_step(student, self.teacher, loss, optimizer), begin, end)]
+        step = self.distill_step(student, self.teacher, loss, optimizer)
+        return [self.make_stage("", self.args.epoch, student, optimizer, step)]

@@ -8,7 +8,8 @@ stages use the package's KD loss instead (there are no labels) and SGD at lr 0.0
 """
 import copy
 
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense
+from helper.errors import UserError
 from helper.features import FeatureHooks
 from helper.losses import attention_distillation_loss
 
@@ -31,37 +32,28 @@ class NAD(Defense):
         a = self.args
         layers = [s.strip() for s in a.nad_layers.split(",") if s.strip()]
         if len(layers) != len(a.nad_betas):
-            from helper.errors import UserError
             raise UserError(f"--nad_betas has {len(a.nad_betas)} values for {len(layers)} --nad_layers")
         nad_teacher = copy.deepcopy(self.teacher).requires_grad_(True)
         opt_teacher = self.optimizer(nad_teacher.parameters())
-        begin_1, end_1 = self.lr_hooks(opt_teacher, a.nad_teacher_epochs)
         finetune = self.distill_step(nad_teacher, self.teacher, lambda s, t, x: (self.kd(s, t), {}), opt_teacher)
-
         optimizer = self.optimizer(student.parameters())
-        begin_2, end_2 = self.lr_hooks(optimizer, a.epoch)
         self.hooks = [FeatureHooks(student, layers), FeatureHooks(nad_teacher, layers)]
 
-        def begin(epoch):
-            nad_teacher.eval()
-            return begin_2(epoch)
+        def hooks_on(on):
+            def begin(epoch):
+                self.hooks[0].enabled = self.hooks[1].enabled = on
+                nad_teacher.train(not on)  # stage 2: NAD's teacher is frozen, in eval mode
+                return {}
+            return begin
 
         def loss(s, t, x):
             s_feats, t_feats = self.hooks[0].pop(), self.hooks[1].pop()
             at = sum(beta * attention_distillation_loss(s_feats[n], t_feats[n], a.nad_p)
                      for beta, n in zip(a.nad_betas, self.hooks[0].layers))
-            kd = self.kd(s, t)
-            return kd + at, {"at_loss": at.detach()}
-
-        def stage1_begin(epoch):
-            self.hooks[0].enabled = self.hooks[1].enabled = False
-            return begin_1(epoch)
-
-        def stage2_begin(epoch):
-            self.hooks[0].enabled = self.hooks[1].enabled = True
-            return begin(epoch)
-        return [Stage("nad_teacher", a.nad_teacher_epochs, nad_teacher, finetune, stage1_begin, end_1),
-                Stage("", a.epoch, student, self.distill_step(student, nad_teacher, loss, optimizer), stage2_begin, end_2)]
+            return self.kd(s, t) + at, {"at_loss": at.detach()}
+        distill = self.distill_step(student, nad_teacher, loss, optimizer)
+        return [self.make_stage("nad_teacher", a.nad_teacher_epochs, nad_teacher, opt_teacher, finetune, hooks_on(False)),
+                self.make_stage("", a.epoch, student, optimizer, distill, hooks_on(True))]
 
     def close(self):
         for h in getattr(self, "hooks", []):
