@@ -17,6 +17,7 @@ PSNR/SSIM between clean and triggered test images; ``trigger_vanished`` says whe
 """
 import math
 import os
+import signal
 import time
 
 import torch
@@ -27,12 +28,14 @@ from helper import data as D
 from helper.checkpoint import save_checkpoint
 from helper.cli import check_attack_args
 from helper.engine import fit, optimizer_step, run_epoch
-from helper.errors import UserError
+from helper.errors import Stopped, UserError
 from helper.evaluate import EvalSet, evaluate
 from helper.losses import kd_loss
 from helper.metrics import psnr, ssim
 from helper.plot import plot_attack_curves, plot_trigger
-from helper.runlog import open_run, write_json
+from helper.interrupt import stop_on_signals
+from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
+from helper.runlog import read_jsonl, write_json
 from helper.system import autocast, eval_batch_size, run_environment, setup
 from helper.teacher_dir import write_teacher
 from helper.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger
@@ -229,8 +232,12 @@ def run(args, out=print):
 
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
             "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
-    out_dir = open_run(args.output_dir, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out)
-    out(f"device {device} ({meta['amp']}), width {args.width}, {len(train)} training and {len(test)} test images, "
+    try:
+        out_dir, last = open_or_resume(args, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out)
+    except Finished as done:
+        out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
+        return done.results
+    out(f"device {device} ({meta['precision']}), width {args.width}, {len(train)} training and {len(test)} test images, "
         f"{args.epochs} + {consolidation_epochs} epochs, target {args.target_label}")
 
     cpu_gen = torch.Generator().manual_seed(args.seed)
@@ -240,13 +247,25 @@ def run(args, out=print):
     adba = ADBA(teacher, shadow, pattern, mask, args.target_label, args.alpha, args.beta, args.miu, args.mask_max,
                 args.temperature, args.kd_reduction, args.detach_shadow_kd, args.lr, args.trigger_lr, args.momentum,
                 args.weight_decay, amp)
+    optimizers = (adba.opt_teacher, adba.opt_shadow, adba.opt_trigger)
     train, test_x = train.to(device), test.x.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
     progress = not args.no_progress
     log_path = os.path.join(out_dir, "log.jsonl")
-    warned = False
-    start = time.time()
+    rows, next_epoch = [], 0
+    if last is not None:  # --resume: models, trigger, optimizers, RNGs, the next epoch
+        teacher.load_state_dict(last["teacher"])
+        shadow.load_state_dict(last["shadow"])
+        with torch.no_grad():
+            pattern.copy_(last["pattern"])
+            mask.copy_(last["mask"])
+        for opt, state in zip(optimizers, last["optimizers"]):
+            opt.load_state_dict(state)
+        set_rng_states(generator, last["rng"])
+        rows, next_epoch = read_jsonl(log_path), last["epoch"]
+    warned = any(r.get("vanished") for r in rows)
+    start = time.time() - (last["elapsed"] if last else 0.0)
 
     def evaluate_epoch(epoch, phase, with_shadow):
         nonlocal warned
@@ -268,23 +287,39 @@ def run(args, out=print):
             warned = True
         return {**row, **stats, "time_s": round(time.time() - start, 3)}
 
-    def phase(name, epochs, first_epoch, train_epoch, with_shadow):
-        result = fit(range(first_epoch, first_epoch + epochs), train_epoch,
-                     lambda e: evaluate_epoch(e, name, with_shadow), log_path, progress=progress, desc=f"{name} epochs", out=None, extra={"phase": name})
+    def save_last_epoch(epoch, result):
+        if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs + consolidation_epochs:
+            save_last(out_dir, {"epoch": epoch + 1, "teacher": teacher.state_dict(), "shadow": shadow.state_dict(),
+                                "pattern": pattern.detach(), "mask": mask.detach(),
+                                "optimizers": [o.state_dict() for o in optimizers], "rng": rng_states(generator),
+                                "n_rows": len(rows) + len(result.rows), "elapsed": time.time() - start})
+
+    def phase(name, epochs, train_epoch, with_shadow):
+        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), log_path, progress=progress,
+                     desc=f"{name} epochs", out=None, extra={"phase": name}, after_epoch=save_last_epoch)
+        rows.extend(result.rows)
+        if result.stopped == "interrupted":
+            save_checkpoint(teacher, os.path.join(out_dir, "checkpoint.pkl"))
+            write_json(os.path.join(out_dir, "results.json"), {"stopped": "interrupted", "epochs_run": len(rows)})
+            raise Stopped(f"interrupted by {signal.Signals(result.signum).name} after {len(rows)} of "
+                          f"{args.epochs + consolidation_epochs} epochs; what was written is kept in {out_dir}; "
+                          f"continue with: {resume_hint(out_dir)}", result.signum)
         if result.stopped:
             raise UserError(f"{result.stopped.replace('epoch', name + ' epoch')}; stopped, what was written is kept "
                             f"in {out_dir} (try a smaller --lr)")
-        return result.rows
 
-    rows = phase("adba", args.epochs, 0, lambda e: train_adba_epoch(adba, train, args.batch_size, generator,
-                                                                    mem_format, progress), with_shadow=True)
-    phase1 = {k: rows[-1][k] for k in ("acc", "asr", "asr_nontarget")} if rows else {}
-    p, m = pattern.detach().clone(), mask.detach().clone()
-    rows += phase("consolidation", consolidation_epochs, args.epochs,
-                  lambda e: consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label,
-                                              args.poison_rate, args.batch_size, generator, mem_format, amp, progress),
-                  with_shadow=False)
+    with stop_on_signals():
+        phase("adba", range(next_epoch, args.epochs),
+              lambda e: train_adba_epoch(adba, train, args.batch_size, generator, mem_format, progress), True)
+        # the trigger is fixed from here on (pattern and mask are no longer stepped)
+        p, m = pattern.detach().clone(), mask.detach().clone()
+        phase("consolidation", range(max(next_epoch, args.epochs), args.epochs + consolidation_epochs),
+              lambda e: consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label,
+                                          args.poison_rate, args.batch_size, generator, mem_format, amp, progress),
+              False)
     train_time = time.time() - start
+    joint = [r for r in rows if r["phase"] == "adba"]
+    phase1 = {k: joint[-1][k] for k in ("acc", "asr", "asr_nontarget")} if joint else {}
 
     metrics = _final_metrics(teacher, shadow, test, p, m, args, device, eval_kw, rows, phase1, train_time)
     write_teacher(out_dir, teacher, p, m)
@@ -293,7 +328,7 @@ def run(args, out=print):
     shown = test.x[:8].to(device)
     plot_trigger(p.cpu(), m.cpu(), D.to_float(shown).cpu(), apply_trigger(D.to_float(shown), p, m).cpu(),
                  os.path.join(out_dir, "trigger.png"))
-    write_json(os.path.join(out_dir, "results.json"), metrics)
+    write_json(os.path.join(out_dir, "results.json"), metrics)  # last: a results.json means every file is whole
     _report(metrics, args.target_label, out_dir, out)
     return metrics
 

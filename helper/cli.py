@@ -228,7 +228,7 @@ def get_attack_parser(add_help=True):
 def check_attack_args(args):
     """Range checks of adba.py's arguments argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
-    for name in ("batch_size", "epochs", "width", "eval_batch_size"):
+    for name in ("batch_size", "epochs", "width", "eval_batch_size", "checkpoint_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.consolidation_epochs is not None and args.consolidation_epochs < 0:

@@ -79,7 +79,7 @@ def run(args, out=print):
         out(f"{args.output_dir} is a finished run (results.json); nothing to resume")
         defense.close()
         return done.results
-    out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['amp']}), defense {args.defense}, "
+    out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['precision']}), defense {args.defense}, "
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
         + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
     if select_from != args.select_from:

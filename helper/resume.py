@@ -66,8 +66,8 @@ def open_or_resume(args, name, record, out=print):
     log_path = os.path.join(folder, "log.jsonl")
     rows = read_jsonl(log_path, complete_only=True) if os.path.isfile(log_path) else []
     write_jsonl(log_path, rows[:last["n_rows"]] if last else [])
-    out(f"run folder: {folder} (resumed " + (f"at stage {last['stage']}, epoch {last['epoch']})" if last
-                                            else "from the start: no epoch had completed)"))
+    where = (f"stage {last['stage']}, " if "stage" in last else "") + f"epoch {last['epoch']}" if last else None
+    out(f"run folder: {folder} (resumed " + (f"at {where})" if where else "from the start: no epoch had completed)"))
     return folder, last
 
 

@@ -95,9 +95,10 @@ def setup(args):
 
 
 def run_environment(device, amp):
-    """What every run folder records about where it ran: git revision, torch version, device, precision."""
-    return {"git": git_revision(), "torch": torch.__version__, "device": str(device),
-            "amp": str(amp).replace("torch.", "") if amp else "fp32"}
+    """What every run folder records about where it ran: git revision, torch version, the device and precision
+    in use (``--device`` and ``--amp`` keep what was asked for, e.g. ``auto``)."""
+    return {"git": git_revision(), "torch": torch.__version__, "device_used": str(device),
+            "precision": str(amp).replace("torch.", "") if amp else "fp32"}
 
 
 def git_revision():
