@@ -27,11 +27,11 @@ from helper.system import amp_dtype, configure, eval_batch_size, memory_format, 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("bench.py: images per second of the ASD loop, plain KD, the public-code-style "
-                                "step and evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="bench.py: images per second of the ASD loop, plain KD, the "
+                                            "public-code-style step and evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Benchmark")
     g.add_argument("--width", type=int, default=None, help="ResNet18 base width; default 64 on a GPU, 16 on a CPU")
-    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--batch_size", type=int, default=128, help="images per training step")
     g.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
     g.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     g.add_argument("--rounds", type=int, default=3, help="alternating repetitions of the ASD and KD measurements")

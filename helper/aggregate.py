@@ -9,7 +9,8 @@ import os
 import statistics
 import sys
 
-METRICS = ("acc", "asr", "asr_nontarget")
+METRICS = ("acc", "asr", "asr_nontarget", "ra")
+SAME = ("defense", "ratio_type", "n_defense")  # what every summarised run must share
 
 
 def trimmed_summary(results):
@@ -25,21 +26,40 @@ def trimmed_summary(results):
         kept = kept[1:-1]
     summary = {"n_runs": len(results), "n_kept": len(kept)}
     for m in METRICS:
-        values = [r[m] for r in kept]
-        summary[m] = statistics.fmean(values)
-        summary[m + "_std"] = statistics.pstdev(values)
+        if all(m in r for r in results):
+            values = [r[m] for r in kept]
+            summary[m] = statistics.fmean(values)
+            summary[m + "_std"] = statistics.pstdev(values)
     return summary
 
 
 def load_results(folders):
+    """The results.json of each run folder, checked: readable, finished (not stopped), every metric a number,
+    and all runs of one defense and one defense-set size; else a ValueError naming the file and the key."""
     out = []
     for folder in folders:
         path = os.path.join(folder, "results.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: is {folder} a finished run?")
-        with open(path) as f:
-            out.append(json.load(f))
-    return out
+            raise ValueError(f"{path} not found: is {folder} a finished run?")
+        try:
+            with open(path) as f:
+                r = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable: {e}") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path} holds no results object")
+        if r.get("stopped"):
+            raise ValueError(f"{path}: the run stopped ({r['stopped']}); it is not counted")
+        for m in METRICS[:3]:
+            if not isinstance(r.get(m), (int, float)) or isinstance(r.get(m), bool):
+                raise ValueError(f"{path}: key {m!r} is {r.get(m)!r}, not a number")
+        if out:
+            for key in SAME:
+                if r.get(key) != out[0][1].get(key):
+                    raise ValueError(f"{path}: key {key!r} is {r.get(key)!r} but {out[0][0]} has "
+                                     f"{out[0][1].get(key)!r}: runs of different cells are not averaged")
+        out.append((path, r))
+    return [r for _, r in out]
 
 
 def main(argv=None):
@@ -48,12 +68,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         s = trimmed_summary(load_results(args.runs))
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{s['n_runs']} runs, {s['n_kept']} kept")
     for m in METRICS:
-        print(f"{m:14s} {s[m]:.4f} +- {s[m + '_std']:.4f}")
+        if m in s:
+            print(f"{m:14s} {s[m]:.4f} +- {s[m + '_std']:.4f}")
     print(f"| {s['acc']:.2f} | {s['asr']:.2f} |")
     return s
 

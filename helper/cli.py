@@ -7,6 +7,9 @@ import argparse
 from helper.defenses import DEFENSES
 
 
+TEMPERATURES = (0.05, 1000.0)  # KD temperatures a run accepts
+
+
 def _rate(text):
     value = float(text)
     if not 0 < value <= 1:
@@ -145,10 +148,18 @@ def check_args(args):
     for name in ("batch_size", "epoch", "eval_batch_size", "checkpoint_every"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if getattr(args, "temperature", 1) <= 0:
-        raise UserError(f"--temperature must be positive, not {args.temperature}")
-    if not getattr(args, "opt_lr", 0) >= 0:
-        raise UserError(f"--opt_lr must be >= 0 (0 trains nothing), not {args.opt_lr}")
+    if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:
+        raise UserError(f"--temperature must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}], not {args.temperature} "
+                        f"(softmax(logits / T) is one-hot below and uniform above: KD would be 0 or meaningless)")
+    for name in ("opt_lr", "lr_drop_to", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, not {getattr(args, name)}")
+    if not args.lr_drop_kd > 0:
+        raise UserError(f"--lr_drop_kd must be positive, not {args.lr_drop_kd}")
+    if args.thresh_mask is not None and not 0 <= args.thresh_mask < 1:
+        raise UserError(f"--thresh_mask must be in [0, 1), not {args.thresh_mask}")
+    if hasattr(args, "eps") and not 0 < args.eps <= 1:
+        raise UserError(f"--eps must be in (0, 1], not {args.eps}")
     if getattr(args, "width", None) is not None and args.width < 1:
         raise UserError(f"--width must be at least 1, not {args.width}")
     return args
@@ -171,7 +182,7 @@ def _nonneg(text):
 def get_attack_parser(add_help=True):
     """The parser of adba.py: the ADBA teacher of SPEC section 8. Public-code names kept as aliases."""
     p = argparse.ArgumentParser(
-        "ADBA: train a backdoored teacher whose learned trigger survives distillation (SPEC section 8)",
+        description="ADBA: train a backdoored teacher whose learned trigger survives distillation (SPEC section 8)",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("Data")
@@ -217,7 +228,7 @@ def get_attack_parser(add_help=True):
     g.add_argument("--trigger_lr", type=float, default=None, help="SGD learning rate of pattern and mask (default: --lr)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the three optimisers")
     g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of teacher and shadow")
-    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--batch_size", type=int, default=128, help="training images per step")
 
     add_output_args(p)
 
@@ -233,9 +244,10 @@ def check_attack_args(args):
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.consolidation_epochs is not None and args.consolidation_epochs < 0:
         raise UserError(f"--consolidation_epochs must be >= 0, not {args.consolidation_epochs}")
-    for name in ("lr", "temperature"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name} must be positive, not {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, not {args.lr}")
+    if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:
+        raise UserError(f"--temperature must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}], not {args.temperature}")
     if args.trigger_lr is not None and not args.trigger_lr > 0:
         raise UserError(f"--trigger_lr must be positive, not {args.trigger_lr}")
     if args.mask_max <= 0:

@@ -46,6 +46,8 @@ def _from_numpy(x, y, where):
         raise UserError(f"{where}: images must be uint8 of shape (N,32,32,3), found {x.dtype} {x.shape}")
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{where}: labels must be integers of shape ({len(x)},), found {y.dtype} {y.shape}")
+    if len(y) and y.min() < 0:
+        raise UserError(f"{where}: labels must be >= 0, found {int(y.min())}")
     return Split(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y.astype(np.int64)))
 
 
@@ -79,10 +81,17 @@ def _npz(path):
     except Exception as e:
         raise UserError(f"cannot read {path} as .npz: {e}") from None
     keys = set(d.files)
+
+    def arrays(*names):
+        try:
+            return [d[n] for n in names]
+        except ValueError as e:  # object arrays need pickle, which is never allowed
+            raise UserError(f"cannot read {path}: {e}") from None
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        return _from_numpy(d["x_train"], d["y_train"], f"{path} (train)"), _from_numpy(d["x_test"], d["y_test"], f"{path} (test)")
+        xtr, ytr, xte, yte = arrays("x_train", "y_train", "x_test", "y_test")
+        return _from_numpy(xtr, ytr, f"{path} (train)"), _from_numpy(xte, yte, f"{path} (test)")
     if {"x", "y"} <= keys:
-        one = _from_numpy(d["x"], d["y"], path)
+        one = _from_numpy(*arrays("x", "y"), path)
         return one, one
     raise UserError(f"{path} must hold x_train/y_train/x_test/y_test or x/y; it holds {sorted(keys)}")
 
@@ -159,7 +168,7 @@ def synthetic_split(kind, n, split, seed=0, chunk=5000):
 # ---------------------------------------------------------------- one entry point
 
 def load_splits(name, data_root="data", role="task", download=True, synthetic_seed=0,
-                synthetic_train=50000, synthetic_test=10000):
+                synthetic_train=50000, synthetic_test=10000, flag="--dataset"):
     """(train, test) Splits of a dataset name or ``.npz`` path; ``role`` picks the synthetic generator.
 
     ``role='task'`` is the teacher's dataset (its test set is where Acc and ASR are measured);
@@ -172,7 +181,7 @@ def load_splits(name, data_root="data", role="task", download=True, synthetic_se
                 synthetic_split(role, synthetic_test, "test", synthetic_seed))
     if name.endswith(".npz"):
         return _npz(name)
-    raise UserError(f"unknown dataset {name!r}: use cifar10, cifar100, synthetic or a path to an .npz file")
+    raise UserError(f"unknown {flag} {name!r}: use cifar10, cifar100, synthetic or a path to an .npz file")
 
 
 def defense_pool(train, test, extend=False):

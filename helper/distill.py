@@ -29,10 +29,12 @@ def load_inputs(args):
     kw = dict(data_root=args.data_root, download=not args.no_download, synthetic_seed=args.synthetic_seed,
               synthetic_train=args.synthetic_train, synthetic_test=args.synthetic_test)
     task_train, task_test = D.load_splits(args.dataset, role="task", **kw)
+    if not len(task_test):
+        raise UserError(f"--dataset {args.dataset} has no test images: Acc and ASR would be measured on nothing")
     if args.finetune_in_out == "in":
         defense_train, defense_test = task_train, task_test
     else:
-        defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", **kw)
+        defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", flag="--finetunedata", **kw)
     pool = D.defense_pool(defense_train, defense_test, args.finetune_extend)
     defense = D.seeded_subset(pool, args.subset_rate, args.seed)
     if not 0 <= args.target_label < teacher.num_classes:

@@ -18,8 +18,12 @@ def select_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this package runs on cpu or cuda (auto picks one), not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     return device
 
 

@@ -19,7 +19,14 @@ def load_trigger(read_dir, thresh=None):
             raise UserError(f"{os.path.join(read_dir, name)} has shape {tuple(t.shape)}, expected {shape}")
         if not torch.isfinite(t).all():
             raise UserError(f"{os.path.join(read_dir, name)} holds non-finite values")
-    return pattern.float(), threshold_mask(mask.float(), thresh)
+        if t.min() < 0 or t.max() > 1:
+            raise UserError(f"{os.path.join(read_dir, name)} holds values in [{t.min().item():.4g}, {t.max().item():.4g}]; "
+                            f"a trigger's pattern and mask lie in [0, 1]")
+    thresholded = threshold_mask(mask.float(), thresh)
+    if thresh is not None and mask.max() > 0 and thresholded.max() == 0:
+        raise UserError(f"--thresh_mask {thresh} removes the whole mask (its largest value is {mask.max().item():.4g}): "
+                        f"no trigger would be left to measure")
+    return pattern.float(), thresholded
 
 
 def save_trigger(out_dir, pattern, mask):

@@ -141,7 +141,7 @@ def test_subset_rate_out_of_range(teacher_dir, tmp_path, capsys, rate):
 
 
 def test_unknown_dataset(teacher_dir, tmp_path, capsys):
-    _fails(fast_flags(teacher_dir, tmp_path / "o") + ["--finetunedata", "imagenet"], capsys, "unknown dataset 'imagenet'")
+    _fails(fast_flags(teacher_dir, tmp_path / "o") + ["--finetunedata", "imagenet"], capsys, "unknown --finetunedata 'imagenet'")
 
 
 def test_existing_run_is_never_overwritten(teacher_dir, tmp_path, capsys):
@@ -242,3 +242,46 @@ def test_finetune_in_uses_the_teachers_own_training_set(teacher_dir, tmp_path):
     out = tmp_path / "in"
     distri.main(fast_flags(teacher_dir, out, epochs=1) + ["--finetune_in_out", "in", "--finetunedata", "imagenet"])
     assert json.load(open(out / "results.json"))["n_defense"] == 128
+
+
+# ---------------------------------------------------------------- inputs that used to get through
+
+def _npz(path, **arrays):
+    import numpy as np
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("pattern", "pattern.pt holds values in [-5, 5]; a trigger's pattern and mask lie in [0, 1]"),
+    ("mask", "mask.pt holds values in [-2, 2]"),
+    ("thresh_range", "--thresh_mask must be in [0, 1), not 5.0"),
+    ("thresh_all", "--thresh_mask 0.5 removes the whole mask (its largest value is 0.3)"),
+    ("temperature", "--temperature must be in [0.05, 1000.0], not 1e-30"),
+    ("lr_drop_to", "--lr_drop_to must be >= 0"),
+    ("device", "--device mps: this package runs on cpu or cuda"),
+    ("negative_labels", "labels must be >= 0, found -3"),
+    ("empty_test", "has no test images"),
+    ("object_array", "Object arrays cannot be loaded"),
+])
+def test_bad_values_are_one_line_and_exit_2(teacher_dir, tmp_path, capsys, case, match):
+    import numpy as np
+    flags = fast_flags(teacher_dir, tmp_path / "o")
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    if case in ("pattern", "mask"):
+        shape, bound = ((3, 32, 32), 5.0) if case == "pattern" else ((1, 32, 32), 2.0)
+        t = torch.zeros(shape)
+        t.view(-1)[:2] = torch.tensor([-bound, bound])
+        torch.save(t, os.path.join(teacher_dir, f"{case}.pt"))
+    extra = {"thresh_range": ["--thresh_mask", "5"], "thresh_all": ["--thresh_mask", "0.5"],
+             "temperature": ["--temperature", "1e-30"], "lr_drop_to": ["--lr_drop_to", "-1"],
+             "device": ["--device", "mps"]}.get(case, [])
+    if case == "negative_labels":
+        extra = ["--dataset", _npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, -3, 2]))]
+    if case == "empty_test":
+        extra = ["--dataset", _npz(tmp_path / "d.npz", x_train=x, y_train=np.zeros(4, int),
+                                   x_test=x[:0], y_test=np.zeros(0, int))]
+    if case == "object_array":
+        extra = ["--finetunedata", _npz(tmp_path / "d.npz", x=np.array([x[0], "a"], dtype=object), y=np.zeros(2, int))]
+    err = _fails(flags + extra, capsys, match)
+    assert err.count("\n") == 0 and not (tmp_path / "o").exists()  # checked before the run folder is made

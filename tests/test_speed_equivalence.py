@@ -132,8 +132,12 @@ def test_fast_step_losses_equal_public_code_step_losses():
     kd_fast.backward()
     kd_ref.backward()
     for (name, p_fast), p_ref in zip(fast_student.named_parameters(), ref.student.parameters()):
-        # KD at T=40 is a small difference of nearly equal softmaxes: compare against the layer's scale
-        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=0, atol=1e-2 * p_ref.grad.abs().max().item(), msg=name)
+        # KD at T=40 is a small difference of nearly equal softmaxes, so its gradient keeps few significant digits:
+        # compare against the layer's scale. With OMP_NUM_THREADS=1 the CPU takes other convolution kernels and the
+        # two layouts then differ by up to 2.5% of a layer's largest gradient (2 threads: 0.4%); a wrong gradient
+        # (a lost T^2, a sign, a missing term) is off by 100%.
+        scale = p_ref.grad.abs().max().item()
+        torch.testing.assert_close(p_fast.grad, p_ref.grad, rtol=0, atol=5e-2 * scale, msg=name)
     fast.close()
     ref.close()
 

@@ -1,0 +1,36 @@
+"""The --help of every entry point: a description, and every flag with help text and (where it has one) its default."""
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from helper.cli import get_args_parser, get_attack_parser
+from helper.defenses import DEFENSES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARSERS = {**{f"distri.py --defense {d}": lambda d=d: get_args_parser(defense=d) for d in DEFENSES},
+           "adba.py": get_attack_parser, "bench.py": bench.get_args_parser}
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_every_flag_has_help_and_the_parser_a_description(name):
+    parser = PARSERS[name]()
+    assert parser.description and parser.prog in ("pytest", "__main__.py", "-c", os.path.basename(sys.argv[0]))
+    missing = [a.option_strings for a in parser._actions if not a.help or a.help == argparse.SUPPRESS]
+    assert missing == []
+    assert isinstance(parser.formatter_class, type) and issubclass(parser.formatter_class,
+                                                                   argparse.ArgumentDefaultsHelpFormatter)
+
+
+@pytest.mark.parametrize("script", ["adba.py", "distri.py", "bench.py"])
+def test_help_runs_and_names_the_program(script):
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script} ")
+
+
+def test_distri_takes_epochs_as_well_as_epoch():
+    assert get_args_parser().parse_args(["--epochs", "7"]).epoch == 7
+    assert get_args_parser().parse_args(["--epoch", "7"]).epoch == 7
