@@ -75,6 +75,8 @@ def get_args_parser(add_help=True, defense="asd"):
                    help="out: defense data from --finetunedata; in: from the teacher's own training set")
     g.add_argument("--subset_rate", type=_rate, default=0.1,
                    help="share of the defense pool used: 0.1 of CIFAR-100 train = 5,000 images, 1.0 = 50,000")
+    g.add_argument("--n_defense", type=int, default=None,
+                   help="exactly this many defense images (overrides --subset_rate): 5000, 50000, 60000 in the paper")
     g.add_argument("--finetune_extend", action="store_true",
                    help="pool = train + test of the defense data (60,000 for CIFAR-100); set by distri_dsextend.py")
     g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
@@ -97,6 +99,9 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
                    help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
                         "were tuned on; batchmean: the textbook per-sample KL")
+    g.add_argument("--eval_every", type=int, default=1,
+                   help="evaluate on the test set every N epochs and at the last (selection reads the KD loss of "
+                        "every epoch; the selected state is evaluated in full at the end if its epoch was skipped)")
     g.add_argument("--select_from", type=int, default=50,
                    help="the result is taken at the epoch >= this with the lowest mean KD loss "
                         "(over all epochs when the run is shorter)")
@@ -145,7 +150,7 @@ def defense_parser(argv=None, **defaults):
 def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
-    for name in ("batch_size", "epoch", "eval_batch_size", "checkpoint_every"):
+    for name in ("batch_size", "epoch", "eval_batch_size", "checkpoint_every", "eval_every"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:

@@ -191,11 +191,17 @@ def defense_pool(train, test, extend=False):
     return concat(train, test)
 
 
-def seeded_subset(split, rate, seed):
-    """Exactly ``round(rate * len(split))`` images, drawn by a seeded permutation (``random_split`` style)."""
-    if not 0 < rate <= 1:
+def seeded_subset(split, rate, seed, count=None):
+    """Exactly ``round(rate * len(split))`` images (or ``count`` of them), drawn by a seeded permutation
+    (``random_split`` style)."""
+    if count is not None:
+        if not 1 <= count <= len(split):
+            raise UserError(f"--n_defense {count}: the defense pool has {len(split)} images")
+        k = count
+    elif not 0 < rate <= 1:
         raise UserError(f"--subset_rate must be in (0, 1], not {rate}")
-    k = int(round(rate * len(split)))
+    else:
+        k = int(round(rate * len(split)))
     if k < 1:
         raise UserError(f"--subset_rate {rate} of {len(split)} images leaves no image")
     index = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:k]

@@ -36,7 +36,7 @@ def load_inputs(args):
     else:
         defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", flag="--finetunedata", **kw)
     pool = D.defense_pool(defense_train, defense_test, args.finetune_extend)
-    defense = D.seeded_subset(pool, args.subset_rate, args.seed)
+    defense = D.seeded_subset(pool, args.subset_rate, args.seed, args.n_defense)
     if not 0 <= args.target_label < teacher.num_classes:
         raise UserError(f"--target_label {args.target_label} is not a class of the {teacher.num_classes}-class teacher")
     if len(task_test) and int(task_test.y.max()) >= teacher.num_classes:
@@ -136,7 +136,8 @@ def run(args, out=print):
                     return {**means, **schedule}
 
                 def evaluate_epoch(epoch, stage=stage):
-                    return {**evaluate(stage.model, eval_set, **eval_kw),
+                    full = (epoch + 1) % args.eval_every == 0 or epoch == stage.epochs - 1
+                    return {**(evaluate(stage.model, eval_set, **eval_kw) if full else {}),
                             "conv_weight_norm": conv_weight_norm(stage.model), "time_s": round(time.time() - start, 3)}
 
                 is_last = i == len(stages) - 1
@@ -162,6 +163,11 @@ def run(args, out=print):
                     raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
     finally:
         defense.close()
+    if result.best is not None and "acc" not in result.best:  # --eval_every skipped it: evaluate the selected state
+        selected = copy.deepcopy(student)
+        selected.load_state_dict(result.best_state)
+        result.best = {**result.best, **evaluate(selected, eval_set, **eval_kw)}
+        results["selected_evaluated_at_end"] = True
     return _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args, stages,
                    start, out)
 
@@ -172,7 +178,7 @@ def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, ar
         results.update({k: best[k] for k in (*METRICS, "top_class_share", "kd_loss")}, best_epoch=best["epoch"])
     final = [r for r in rows if "stage" not in r]
     if final:
-        results["final"] = {k: final[-1][k] for k in ("epoch", *METRICS, "kd_loss")}
+        results["final"] = {k: final[-1].get(k) for k in ("epoch", *METRICS, "kd_loss")}
     results.update(lr_dropped_at=stages[-1].lr_drop.dropped_at, epochs_run=len(final),
                    train_time_s=round(time.time() - start, 2))
     if student is not None:

@@ -27,13 +27,17 @@ def plot_curves(rows, path, title="", best_epoch=None):
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss (log scale)")
     ax_lam = ax_loss.twinx()
-    ax_lam.plot(epochs, [r.get("lambda") for r in rows], "k:", label="lambda")
+    lam = [(r["epoch"], r["lambda"]) for r in rows if r.get("lambda") is not None]
+    if lam:
+        ax_lam.plot(*zip(*lam), "k:", label="lambda")
     ax_lam.set_ylim(-0.05, 1.05)
     ax_lam.set_ylabel("lambda")
     lines = ax_loss.get_lines() + ax_lam.get_lines()
     ax_loss.legend(lines, [l.get_label() for l in lines], loc="upper right", fontsize=8)
-    for key, label in (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target")):
-        ax_metric.plot(epochs, [r.get(key) for r in rows], label=label)
+    for key, label in (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"), ("ra", "RA")):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]  # --eval_every leaves epochs out
+        if pts:
+            ax_metric.plot(*zip(*pts), label=label, marker="." if len(pts) < len(rows) else None)
     if best_epoch is not None:
         for ax in (ax_loss, ax_metric):
             ax.axvline(best_epoch, color="grey", lw=0.8, ls="--")

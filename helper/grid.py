@@ -1,0 +1,154 @@
+"""The grid behind reproduce.py: defenses x defense-set sizes x seeds, each an ordinary ``distri.py`` run.
+
+A run is a command line and a folder. Running the grid again skips finished runs (a results.json without
+``stopped``), continues interrupted ones with ``--resume``, and starts the rest; runs go to a local pool
+(``--jobs``, spread over the visible GPUs, ``--runs_per_gpu`` per GPU, one CPU thread each on a CPU) or to
+Slurm as one job array through submitit.
+"""
+import json
+import os
+import queue
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# cells: (defense, defense images); "epochs": None keeps each defense's own default (300 for KD and ASD)
+PRESETS = {
+    "paper": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000), ("kd", 50000), ("asd", 50000), ("bcu", 50000),
+                        ("asd", 60000)], "seeds": 7, "epochs": None, "flags": []},
+    # 2-core CPU, one thread per run, two at a time: ~10 s per width-8 epoch on 5,000 images evaluated every 5th
+    "cpu": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000)], "seeds": 3, "epochs": 100,
+            "flags": ["--select_from", "50", "--eval_every", "5"]},
+    "smoke": {"cells": [("kd", 64), ("asd", 64)], "seeds": 2, "epochs": 2,
+              "flags": ["--dataset", "synthetic", "--finetunedata", "synthetic", "--synthetic_train", "128",
+                        "--synthetic_test", "64", "--batch_size", "32", "--device", "cpu"]},
+}
+
+
+@dataclass
+class Run:
+    defense: str
+    n_defense: int
+    seed: int
+    folder: str
+    argv: list
+
+    @property
+    def cell(self):
+        return f"{self.defense}-n{self.n_defense}"
+
+    def state(self):
+        """'finished', 'interrupted' (a folder to --resume) or 'new'."""
+        results = os.path.join(self.folder, "results.json")
+        if os.path.isfile(results):
+            try:
+                with open(results) as f:
+                    if not json.load(f).get("stopped"):
+                        return "finished"
+            except ValueError:
+                pass
+        return "interrupted" if os.path.isfile(os.path.join(self.folder, "args.json")) else "new"
+
+    def command(self):
+        return [sys.executable, os.path.join(ROOT, "distri.py"), *self.argv] + (
+            ["--resume"] if self.state() == "interrupted" else [])
+
+
+def size_flags(n_defense):
+    """60,000 images is CIFAR-100 train + test (``--finetune_extend``); any other size is drawn from train."""
+    return ["--finetune_extend", "--n_defense", str(n_defense)] if n_defense > 50000 else ["--n_defense", str(n_defense)]
+
+
+def build_grid(out_dir, cells, seeds, epochs=None, flags=()):
+    runs = []
+    for defense, n in cells:
+        for seed in seeds:
+            folder = os.path.join(out_dir, f"{defense}-n{n}", f"seed{seed}")
+            argv = ["--defense", defense, *size_flags(n), "--seed", str(seed), "--output_dir", folder,
+                    "--no_progress", *(["--epoch", str(epochs)] if epochs else []), *flags]
+            runs.append(Run(defense, n, seed, folder, argv))
+    return runs
+
+
+def run_one(command, log_path, env=None):
+    """Run one command with its output in ``log_path``; returns (exit code, seconds)."""
+    start = time.time()
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    return code, time.time() - start
+
+
+def log_path(out_dir, run):
+    return os.path.join(out_dir, "logs", f"{run.cell}-seed{run.seed}.log")
+
+
+def run_line(run, code, seconds):
+    """One line per finished run: cell, seed, Acc, ASR, time (or why it failed)."""
+    if code != 0:
+        return f"{run.cell} seed {run.seed}: FAILED (exit {code}, {seconds:.0f} s); see the log"
+    with open(os.path.join(run.folder, "results.json")) as f:
+        r = json.load(f)
+    return f"{run.cell} seed {run.seed}: acc {r['acc']:.4f}  asr {r['asr']:.4f}  ({seconds:.0f} s)"
+
+
+def local_env(slot_gpu, threads=1):
+    env = {**os.environ}
+    if slot_gpu is None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot_gpu)
+    return env
+
+
+def run_local(runs, out_dir, jobs, gpus=0, runs_per_gpu=1, out=tqdm.write):
+    """Run ``runs`` ``jobs`` at a time; on GPUs each takes a slot (``runs_per_gpu`` per GPU). Returns failures."""
+    slots = queue.Queue()
+    for i in range(jobs):
+        slots.put(i // max(runs_per_gpu, 1) % gpus if gpus else None)
+    failures = []
+
+    def work(run):
+        gpu = slots.get()
+        try:
+            return run, *run_one(run.command(), log_path(out_dir, run), local_env(gpu))
+        finally:
+            slots.put(gpu)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc="grid", file=sys.stdout) as bar:
+        for future in as_completed([pool.submit(work, r) for r in runs]):
+            run, code, seconds = future.result()
+            out(run_line(run, code, seconds))
+            if code != 0:
+                failures.append(run)
+            bar.update()
+    return failures
+
+
+def _submitit_job(command, log):
+    return run_one(command, log)
+
+
+def run_submitit(runs, out_dir, cluster=None, partition=None, timeout_min=600, gpus_per_job=1, out=print):
+    """The runs as one job array through submitit: Slurm (``cluster=None`` picks it), or ``"local"`` (tests)."""
+    import submitit
+    executor = submitit.AutoExecutor(folder=os.path.join(out_dir, "submitit"), cluster=cluster)
+    params = {"timeout_min": timeout_min, "name": "asd-grid"}
+    if executor.cluster == "slurm":
+        params.update(slurm_partition=partition, gpus_per_node=gpus_per_job, tasks_per_node=1, cpus_per_task=4)
+    executor.update_parameters(**params)
+    jobs = executor.map_array(_submitit_job, [r.command() for r in runs], [log_path(out_dir, r) for r in runs])
+    out(f"submitted {len(jobs)} runs as a {executor.cluster} job array ({jobs[0].job_id.split('_')[0]})")
+    failures = []
+    for run, job in zip(runs, jobs):
+        code, seconds = job.result()
+        out(run_line(run, code, seconds))
+        if code != 0:
+            failures.append(run)
+    return failures
