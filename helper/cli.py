@@ -75,7 +75,7 @@ def get_args_parser(add_help=True, defense="asd"):
                    help="out: defense data from --finetunedata; in: from the teacher's own training set")
     g.add_argument("--subset_rate", type=_rate, default=0.1,
                    help="share of the defense pool used: 0.1 of CIFAR-100 train = 5,000 images, 1.0 = 50,000")
-    g.add_argument("--n_defense", type=int, default=None,
+    g.add_argument("--defense_size", type=int, default=None,
                    help="exactly this many defense images (overrides --subset_rate): 5000, 50000, 60000 in the paper")
     g.add_argument("--finetune_extend", action="store_true",
                    help="pool = train + test of the defense data (60,000 for CIFAR-100); set by distri_dsextend.py")

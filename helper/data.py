@@ -196,7 +196,7 @@ def seeded_subset(split, rate, seed, count=None):
     (``random_split`` style)."""
     if count is not None:
         if not 1 <= count <= len(split):
-            raise UserError(f"--n_defense {count}: the defense pool has {len(split)} images")
+            raise UserError(f"--defense_size {count}: the defense pool has {len(split)} images")
         k = count
     elif not 0 < rate <= 1:
         raise UserError(f"--subset_rate must be in (0, 1], not {rate}")

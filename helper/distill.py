@@ -36,7 +36,7 @@ def load_inputs(args):
     else:
         defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", flag="--finetunedata", **kw)
     pool = D.defense_pool(defense_train, defense_test, args.finetune_extend)
-    defense = D.seeded_subset(pool, args.subset_rate, args.seed, args.n_defense)
+    defense = D.seeded_subset(pool, args.subset_rate, args.seed, args.defense_size)
     if not 0 <= args.target_label < teacher.num_classes:
         raise UserError(f"--target_label {args.target_label} is not a class of the {teacher.num_classes}-class teacher")
     if len(task_test) and int(task_test.y.max()) >= teacher.num_classes:

@@ -180,7 +180,7 @@ def test_parser_keeps_the_public_code_names():
     (["--epochs", "0"], "--epochs"),
     (["--target_label", "10"], "--target_label"),
     (["--dataset", "nowhere.npz"], "not found"),
-    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, words, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

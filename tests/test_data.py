@@ -33,7 +33,7 @@ def test_npz_errors(tmp_path):
         D.load_splits(str(tmp_path / "keys.npz"))
     with pytest.raises(UserError, match="dataset file not found"):
         D.load_splits(str(tmp_path / "missing.npz"))
-    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
+    with pytest.raises(UserError, match="unknown --dataset 'imagenet'"):
         D.load_splits("imagenet")
 
 

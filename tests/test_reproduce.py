@@ -91,7 +91,7 @@ def test_trimmed_mean_of_a_cell_by_hand(tmp_path):
 
 
 def test_grid_commands():
-    assert size_flags(5000) == ["--n_defense", "5000"] and size_flags(60000)[0] == "--finetune_extend"
+    assert size_flags(5000) == ["--defense_size", "5000"] and size_flags(60000)[0] == "--finetune_extend"
     runs = build_grid("out", PRESETS["paper"]["cells"], range(7))
     assert len(runs) == 49 and runs[0].folder == os.path.join("out", "kd-n5000", "seed0")
     assert "--epoch" not in runs[0].argv  # the paper preset keeps each defense's own epochs (300 for KD and ASD)
