@@ -285,3 +285,20 @@ def test_bad_values_are_one_line_and_exit_2(teacher_dir, tmp_path, capsys, case,
         extra = ["--finetunedata", _npz(tmp_path / "d.npz", x=np.array([x[0], "a"], dtype=object), y=np.zeros(2, int))]
     err = _fails(flags + extra, capsys, match)
     assert err.count("\n") == 0 and not (tmp_path / "o").exists()  # checked before the run folder is made
+
+
+def test_eval_every_keeps_selection_and_evaluates_the_selected_state_in_full(teacher_dir, tmp_path):
+    """Evaluation draws no random numbers, so the run with --eval_every 3 trains exactly as the one evaluated every
+    epoch: the same selected epoch, and its numbers come from a full evaluation of the selected state."""
+    flags = fast_flags(teacher_dir, tmp_path / "every", epochs=3) + ["--ratio_type", "fix", "--no_progress"]
+    distri.main(flags)
+    rows_1, saved_1, _ = _read_run(tmp_path / "every")
+    flags[flags.index("--output_dir") + 1] = str(tmp_path / "third")
+    distri.main(flags + ["--eval_every", "3"])
+    rows_3, saved_3, _ = _read_run(tmp_path / "third")
+    assert ["acc" in r for r in rows_3] == [False, False, True]
+    assert [r["kd_loss"] for r in rows_3] == [r["kd_loss"] for r in rows_1]
+    assert saved_3["best_epoch"] == saved_1["best_epoch"]
+    for key in ("acc", "asr", "asr_nontarget", "ra"):
+        assert saved_3[key] == saved_1[key]
+    assert saved_3.get("selected_evaluated_at_end", False) == (saved_1["best_epoch"] != 2)
