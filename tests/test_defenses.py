@@ -157,7 +157,7 @@ def test_defaults_are_the_defenses_own_and_a_given_flag_wins(teacher_dir, tmp_pa
     assert [r["lr"] for r in rows] == [0.01, pytest.approx(0.005)]  # cosine over 2 epochs
     assert [r["bcu_t"] for r in rows] == [2.5, 4.0]
     _, _, args = _run(teacher_dir, tmp_path / "abd", "abd")
-    assert args["opt_type"] == "Adam" and args["temperature"] == 8.0 and args["kd_reduction"] == "batchmean"
+    assert args["opt_type"] == "Adam" and args["temperature"] == 8.0 and args["batch_size"] == 64  # (given)
     _, _, args = _run(teacher_dir, tmp_path / "asd", "asd")
     assert args["opt_lr"] == 1e-3 and args["ratio_type"] == "scheduler" and args["temperature"] == 40.0
 

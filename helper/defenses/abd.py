@@ -3,8 +3,10 @@
 Three copies of the teacher, each with the input channels of its last 5 convolutions (of those named
 ``conv*``: layer3.1.conv2 and the four of layer4, as its code counts them) permuted once; their mean logits
 are the ensemble's. A sample is suspicious when the ensemble's predicted class equals the teacher's.
-Loss = mean KD over the other samples - 0.1 x mean KD over the suspicious ones (per-sample KD at
-T = 8, with T^2; Adam lr 1e-3, batch 512: the defaults of its ``vanilla_kd_ood.py``).
+Loss = mean KD over the other samples - 0.1 x mean KD over the suspicious ones, where a sample's KD is
+``KL(softmax(t/T) || softmax(s/T))`` averaged over the classes, without T^2 (its ``KDLoss`` with
+``reduction='none'``, then means over kept and flagged entries); T = 8, Adam lr 1e-3, batch 512: the
+defaults of its ``vanilla_kd_ood.py``.
 """
 import copy
 
@@ -42,8 +44,7 @@ def vaccine_loss(per_sample_kd, flagged, coef=0.1):
 class ABD(Defense):
     name = "abd"
     help = "ABD's shuffling vaccine: KD that pushes away from samples a channel-shuffled teacher still agrees on"
-    defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0,
-                "kd_reduction": "batchmean", "lr_drop": "off"}
+    defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0, "lr_drop": "off"}
 
     @classmethod
     def add_args(cls, g):
@@ -61,7 +62,7 @@ class ABD(Defense):
             with torch.no_grad():
                 ensemble = torch.stack([self.logits(c, x).float() for c in copies]).mean(0)
             flagged = suspicious(ensemble, t)
-            return (vaccine_loss(kd_per_sample(s, t, a.temperature), flagged, a.abd_coef),
-                    {"flagged_share": flagged.float().mean()})
+            per_sample = kd_per_sample(s, t, a.temperature) / (a.temperature ** 2 * s.shape[1])  # class mean, no T^2
+            return (vaccine_loss(per_sample, flagged, a.abd_coef), {"flagged_share": flagged.float().mean()})
         step = self.distill_step(student, self.teacher, loss, optimizer)
         return [self.make_stage("", a.epoch, student, optimizer, step)]
