@@ -59,6 +59,8 @@ def main(argv=None):
     from helper.runlog import make_run_dir
     from helper.table import cell_summary, write_table
 
+    if not os.path.isfile(os.path.join(args.read_dir, "checkpoint.pkl")):
+        raise UserError(f"--read_dir {args.read_dir}: no checkpoint.pkl there (a teacher folder as adba.py writes it)")
     preset = G.PRESETS[args.preset]
     cells = preset["cells"]
     if args.defenses or args.sizes:  # narrow or widen: every requested defense at every requested size

@@ -7,12 +7,13 @@ import sys
 import pytest
 
 import bench
+import reproduce
 from helper.cli import get_args_parser, get_attack_parser
 from helper.defenses import DEFENSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARSERS = {**{f"distri.py --defense {d}": lambda d=d: get_args_parser(defense=d) for d in DEFENSES},
-           "adba.py": get_attack_parser, "bench.py": bench.get_args_parser}
+           "adba.py": get_attack_parser, "bench.py": bench.get_args_parser, "reproduce.py": reproduce.get_parser}
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -25,7 +26,7 @@ def test_every_flag_has_help_and_the_parser_a_description(name):
                                                                    argparse.ArgumentDefaultsHelpFormatter)
 
 
-@pytest.mark.parametrize("script", ["adba.py", "distri.py", "bench.py"])
+@pytest.mark.parametrize("script", ["adba.py", "distri.py", "bench.py", "reproduce.py"])
 def test_help_runs_and_names_the_program(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script} ")
@@ -34,3 +35,10 @@ def test_help_runs_and_names_the_program(script):
 def test_distri_takes_epochs_as_well_as_epoch():
     assert get_args_parser().parse_args(["--epochs", "7"]).epoch == 7
     assert get_args_parser().parse_args(["--epoch", "7"]).epoch == 7
+
+
+def test_reproduce_refuses_a_folder_without_a_teacher(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--read_dir", str(tmp_path), "--preset", "smoke", "--output_dir", str(tmp_path / "g")])
+    assert e.value.code == 2 and "no checkpoint.pkl there" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
