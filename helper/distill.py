@@ -100,7 +100,7 @@ def run(args, out=print):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     log_path = os.path.join(out_dir, "log.jsonl")
     progress = not args.no_progress
-    first_stage, first_epoch, rows, result = 0, 0, [], Fit()
+    first_stage, first_epoch, rows, selection = 0, 0, [], Fit()  # selection: the last stage's Fit
     if last is not None:  # --resume: every stage's model and optimizer, the lr drop, the RNGs, the selection
         for stage, model, opt, dropped in zip(stages, last["models"], last["optimizers"], last["lr_drops"]):
             stage.model.load_state_dict(model)
@@ -108,7 +108,7 @@ def run(args, out=print):
             stage.lr_drop.dropped_at = dropped
         set_rng_states(generator, last["rng"])
         first_stage, first_epoch, rows = last["stage"], last["epoch"], read_jsonl(log_path)
-        result = Fit(best=last["best"], best_state=last["best_state"])
+        selection = Fit(best=last["best"], best_state=last["best_state"])
     start = time.time() - (last["elapsed"] if last else 0.0)
 
     def save_last_epoch(i, epoch, fit_result):
@@ -146,7 +146,7 @@ def run(args, out=print):
                              state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items()},
                              progress=progress, desc=f"{stage.name or args.defense} epochs",
                              extra={"stage": stage.name} if stage.name else None,
-                             result=result if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
+                             result=selection if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
                 rows += result.rows
                 result.rows = []
                 if result.stopped == "interrupted":
@@ -163,12 +163,12 @@ def run(args, out=print):
                     raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
     finally:
         defense.close()
-    if result.best is not None and "acc" not in result.best:  # --eval_every skipped it: evaluate the selected state
+    if selection.best is not None and "acc" not in selection.best:  # --eval_every skipped it: evaluate it now
         selected = copy.deepcopy(student)
-        selected.load_state_dict(result.best_state)
-        result.best = {**result.best, **evaluate(selected, eval_set, **eval_kw)}
+        selected.load_state_dict(selection.best_state)
+        selection.best = {**selection.best, **evaluate(selected, eval_set, **eval_kw)}
         results["selected_evaluated_at_end"] = True
-    return _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args, stages,
+    return _finish(out_dir, rows, results, selection.best, selection.best_state, student, pattern, mask, args, stages,
                    start, out)
 
 
