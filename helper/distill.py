@@ -179,6 +179,8 @@ def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, ar
     final = [r for r in rows if "stage" not in r]
     if final:
         results["final"] = {k: final[-1].get(k) for k in ("epoch", *METRICS, "kd_loss")}
+        recent = [r["asr"] for r in final[-10:] if r.get("asr") is not None]  # one epoch's ASR can swing by 0.25
+        results["asr_last10_mean"] = sum(recent) / len(recent) if recent else None
     results.update(lr_dropped_at=stages[-1].lr_drop.dropped_at, epochs_run=len(final),
                    train_time_s=round(time.time() - start, 2))
     if student is not None:

@@ -32,6 +32,7 @@ def test_asd_run_writes_every_output(teacher_dir, tmp_path, capsys):
     assert RESULT_KEYS <= set(saved) and saved["best_epoch"] in (0, 1)
     best = rows[saved["best_epoch"]]
     assert saved["kd_loss"] == best["kd_loss"] == min(r["kd_loss"] for r in rows)
+    assert saved["asr_last10_mean"] == pytest.approx((rows[0]["asr"] + rows[1]["asr"]) / 2)
     assert saved["acc"] == best["acc"] and saved["asr"] == best["asr"]
     assert saved == json.loads(json.dumps(results))
     assert args["ratio_type"] == "scheduler" and args["n_defense"] == 128 and len(args["hooked_layers"]) == 8
