@@ -167,11 +167,8 @@ def kd_loss(student_logits, teacher_logits, temperature, reduction="mean"):
     """
     if reduction not in ("mean", "batchmean"):
         raise ValueError(f"reduction must be 'mean' or 'batchmean', not {reduction!r}")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
-    kl = log_p_teacher.exp() * (log_p_teacher - log_p_student)  # per sample and class
-    kl = kl.mean() if reduction == "mean" else kl.sum() / kl.shape[0]
-    return kl * temperature ** 2
+    per_sample = kd_per_sample(student_logits, teacher_logits, temperature)
+    return per_sample.mean() / student_logits.shape[1] if reduction == "mean" else per_sample.mean()
 
 
 def mean_attention_shifting_loss(teacher_feats, student_feats, eps=0.1):

@@ -20,11 +20,11 @@ LAST = "last.pt"
 NOT_COMPARED = ("resume", "no_progress", "output_dir", "checkpoint_every")  # may differ between start and resume
 
 
-def differing_flags(saved, args, skip=()):
+def differing_flags(saved, args):
     """``--flag saved -> now`` for every argument whose value differs from the run's args.json."""
     now = json.loads(json.dumps(vars(args), default=str))
     return [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in sorted(now.items())
-            if k not in NOT_COMPARED and k not in skip and saved.get(k) != v]
+            if k not in NOT_COMPARED and saved.get(k) != v]
 
 
 class Finished(Exception):
@@ -51,8 +51,7 @@ def open_or_resume(args, name, record, out=print):
         raise UserError(f"--resume: {folder} holds no args.json, so it is no run folder to continue")
     with open(args_path) as f:
         saved = json.load(f)
-    shadowed = {k for k, v in vars(args).items() if k in record and record[k] != v}  # args.json holds another value
-    diff = differing_flags(saved, args, shadowed)
+    diff = differing_flags(saved, args)
     if diff:
         raise UserError(f"--resume: the run in {folder} was started with other arguments: {'; '.join(diff)}")
     results_path = os.path.join(folder, "results.json")

@@ -182,3 +182,15 @@ def test_a_kill_during_the_final_writes_never_leaves_results_beside_a_partial_ch
         if "results.json" in names:
             assert {"checkpoint.pkl", "selected.pkl", "curves.png"} <= set(names)
             json.load(open(out / "results.json"))
+
+
+def test_args_json_holds_every_argument_as_given(teacher_dir, tmp_path):
+    """--resume compares args.json with the command line, so what the run adds to args.json must never replace
+    an argument's own value (the run's device and precision are ``device_used`` and ``precision``)."""
+    out = tmp_path / "r"
+    flags = fast_flags(teacher_dir, out, epochs=1) + ["--no_progress"]
+    distri.main(flags)
+    saved = json.load(open(out / "args.json"))
+    args = distri.defense_parser(flags).parse_args(flags)
+    assert {k: saved[k] for k in vars(args)} == json.loads(json.dumps(vars(args)))
+    assert saved["amp"] == "auto" and saved["device_used"] == "cpu" and saved["precision"] == "fp32"
