@@ -2,7 +2,7 @@
 
     python distri.py                      # ASD on the folder named by read_dir below
     python distri.py --ratio_type fix     # plain KD
-    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd (--defense NAME --help)
+    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd, clp, fineprune (--defense NAME --help)
     python distri.py --read_dir DIR       # another checkpoint folder
     python distri.py --demo               # the whole story offline, on synthetic data
 """

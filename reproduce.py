@@ -8,7 +8,9 @@
 
 Every run is an ordinary distri.py run folder under --output_dir; any flag reproduce.py does not know is
 passed to every run. Run the same command again and finished runs are skipped, interrupted ones resumed.
-The table (table.md, table.csv, table.json) and tradeoff.png are written when the runs are done.
+The table (table.md, table_arms.md: one row per arm with its cut and loss against KD; table.csv, table.json)
+and tradeoff.png are written when the runs are done. An arm is a defense with flags of its own (``--arm``,
+or the ``study`` preset's variants of ASD); ``--only`` picks cells or arms by label.
 """
 import argparse
 import json
@@ -30,6 +32,11 @@ def get_parser():
     g.add_argument("--defenses", nargs="+", choices=sorted(DEFENSES), default=None,
                    help="only these defenses (default: the preset's)")
     g.add_argument("--sizes", nargs="+", type=int, default=None, help="only these defense-set sizes (default: the preset's)")
+    g.add_argument("--arm", action="append", default=[], metavar="'LABEL DEFENSE [FLAG ...]'",
+                   help="add an arm: a defense with flags of its own, under its own label (repeatable), e.g. "
+                        "--arm 'asd-bn asd --hook_layers layer*.*.bn1'")
+    g.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help="run and tabulate only these cells or arms of the grid (by label: kd, asd-bn, ...), in this order")
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="these seeds (default: 0 .. the preset's count - 1)")
     g.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
     g.add_argument("--eval_every", type=int, default=None,
@@ -50,6 +57,19 @@ def get_parser():
     return p
 
 
+def parse_arm(text, sizes):
+    """``--arm 'LABEL DEFENSE [FLAG ...]'`` -> one grid cell ``(defense, n, label, flags)`` per size."""
+    import re
+    import shlex
+
+    from helper.defenses import DEFENSES
+    parts = shlex.split(text)
+    if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", parts[0]) or parts[1] not in DEFENSES:
+        raise UserError(f"--arm {text!r}: expected 'LABEL DEFENSE [FLAG ...]' with a label of letters, digits, "
+                        f"'_.+-' and a defense among {', '.join(sorted(DEFENSES))}")
+    return [(parts[1], n, parts[0], parts[2:]) for n in sizes]
+
+
 @exits_cleanly
 def main(argv=None):
     args, passthrough = get_parser().parse_known_args(argv)
@@ -63,9 +83,20 @@ def main(argv=None):
         raise UserError(f"--read_dir {args.read_dir}: no checkpoint.pkl there (a teacher folder as adba.py writes it)")
     preset = G.PRESETS[args.preset]
     cells = preset["cells"]
-    if args.defenses or args.sizes:  # narrow or widen: every requested defense at every requested size
-        sizes = args.sizes or sorted({n for _, n in preset["cells"]})
-        cells = [(d, n) for n in sizes for d in (args.defenses or sorted({d for d, _ in preset["cells"]}))]
+    if args.defenses or args.sizes:  # narrow or widen: every requested defense (and arm of one) at every size
+        arms = [G.arm(c) for c in cells]
+        sizes = args.sizes or sorted({n for _, _, n, _ in arms})
+        plain = args.defenses or sorted({d for label, d, _, _ in arms if label == d})
+        own = dict.fromkeys((label, d, f) for label, d, _, f in arms if label != d and (not args.defenses or d in plain))
+        cells = [(d, n) for n in sizes for d in plain] + [(d, n, label, f) for n in sizes for label, d, f in own]
+    arm_sizes = args.sizes or sorted({G.arm(c)[2] for c in cells}) or [5000]
+    cells = list(cells) + [cell for text in args.arm for cell in parse_arm(text, arm_sizes)]
+    if args.only:
+        unknown = set(args.only) - {G.arm(c)[0] for c in cells}
+        if unknown:
+            raise UserError(f"--only {' '.join(sorted(unknown))}: no such cell or arm in the grid "
+                            f"(it has: {', '.join(dict.fromkeys(G.arm(c)[0] for c in cells))})")
+        cells = sorted((c for c in cells if G.arm(c)[0] in args.only), key=lambda c: args.only.index(G.arm(c)[0]))
     if not cells:
         raise UserError("the grid is empty: no cell of the preset matches --defenses and --sizes")
     seeds = args.seeds if args.seeds is not None else list(range(preset["seeds"]))
@@ -89,16 +120,17 @@ def main(argv=None):
                                       args.timeout_min, args.gpus_per_job)
     finished = [r for r in runs if r.state() == "finished"]
     entries, points = [], []
-    for defense, n in cells:
-        folders = [r.folder for r in finished if (r.defense, r.n_defense) == (defense, n)]
+    for cell in cells:
+        label, defense, n, _ = G.arm(cell)
+        folders = [r.folder for r in finished if (r.cell, r.n_defense) == (f"{label}-n{n}", n)]
         if folders:
             try:
-                entries.append(cell_summary(defense, n, folders, out_dir))
+                entries.append({**cell_summary(defense, n, folders, out_dir), "arm": label, "flags": list(G.arm(cell)[3])})
             except ValueError as e:
                 raise UserError(str(e)) from None
             for f in folders:
                 with open(os.path.join(f, "results.json")) as fh:
-                    points.append((defense, n, json.load(fh)))
+                    points.append((label, n, json.load(fh)))
     if entries:
         write_table(entries, out_dir, points)
         print(open(os.path.join(out_dir, "table.md")).read(), end="")

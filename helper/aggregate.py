@@ -10,7 +10,16 @@ import statistics
 import sys
 
 METRICS = ("acc", "asr", "asr_nontarget", "ra")
+# summarised too where every run has them: the ASR over a run's last 10 evaluations, the re-tuning test's numbers
+OPTIONAL = ("asr_last10_mean", "retune_acc", "retune_asr", "retune_asr_nontarget", "retune_ra")
 SAME = ("defense", "ratio_type", "n_defense")  # what every summarised run must share
+
+
+def asr_last10(rows):
+    """Mean ASR of the evaluated epochs among the last 10 of a run's log rows (one epoch's ASR can swing by
+    0.25); None when none of them was evaluated."""
+    recent = [r["asr"] for r in rows[-10:] if r.get("asr") is not None]
+    return sum(recent) / len(recent) if recent else None
 
 
 def trimmed_summary(results):
@@ -25,8 +34,8 @@ def trimmed_summary(results):
     if len(kept) >= 3:
         kept = kept[1:-1]
     summary = {"n_runs": len(results), "n_kept": len(kept)}
-    for m in METRICS:
-        if all(m in r for r in results):
+    for m in METRICS + OPTIONAL:
+        if all(isinstance(r.get(m), (int, float)) for r in results):
             values = [r[m] for r in kept]
             summary[m] = statistics.fmean(values)
             summary[m + "_std"] = statistics.pstdev(values)
@@ -48,6 +57,10 @@ def load_results(folders):
             raise ValueError(f"{path} is unreadable: {e}") from None
         if not isinstance(r, dict):
             raise ValueError(f"{path} holds no results object")
+        if "asr_last10_mean" not in r and os.path.isfile(os.path.join(folder, "log.jsonl")):  # runs before the key
+            from helper.runlog import read_jsonl
+            r["asr_last10_mean"] = asr_last10([row for row in read_jsonl(os.path.join(folder, "log.jsonl"))
+                                               if "stage" not in row])
         if r.get("stopped"):
             raise ValueError(f"{path}: the run stopped ({r['stopped']}); it is not counted")
         for m in METRICS[:3]:

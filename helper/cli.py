@@ -60,7 +60,7 @@ def get_args_parser(add_help=True, defense="asd"):
     """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
     p = argparse.ArgumentParser(
         description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
-                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd)",
+                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune)",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("Data")
@@ -83,6 +83,10 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
     g.add_argument("--target_label", type=int, default=0, help="the backdoor's target class")
     g.add_argument("--thresh_mask", type=float, default=None, help="mask values <= this are set to 0 before use")
+    g.add_argument("--trigger_dir", default=None,
+                   help="measure ASR (and re-tune) with the trigger (pattern.pt, mask.pt) of this teacher folder "
+                        "instead of --read_dir's own; needed for a clean teacher (adba.py --attack none), which has "
+                        "none. The run folder then holds this trigger")
     add_synthetic_args(g)
 
     g = p.add_argument_group("Model")
@@ -124,6 +128,21 @@ def get_args_parser(add_help=True, defense="asd"):
     cls = DEFENSES[defense]
     cls.add_args(p.add_argument_group(f"Defense {cls.name}", cls.help))
 
+    g = p.add_argument_group(
+        "Re-tuning attack", "after the run, fine-tune a copy of the selected student on a few labelled training images, "
+        "some triggered (NeurIPS 2024, 'Superficial Safety of Backdoor Defense'): a backdoor only hidden comes back")
+    g.add_argument("--retune", action="store_true",
+                   help="run the re-tuning attack on a copy of the selected student (selected.pkl is kept as "
+                        "selected) and add retune_acc, retune_asr, retune_asr_nontarget, retune_ra to results.json")
+    g.add_argument("--retune_images", type=int, default=1000,
+                   help="labelled images of --dataset's training split (a seeded subset: --seed) it fine-tunes on")
+    g.add_argument("--retune_poison", type=int, default=5,
+                   help="of those, how many non-target images carry the trigger and the target label")
+    g.add_argument("--retune_epochs", type=int, default=5, help="epochs of the re-tuning (cross-entropy, crop+flip)")
+    g.add_argument("--retune_lr", type=float, default=0.01, help="SGD learning rate of the re-tuning")
+    g.add_argument("--retune_momentum", type=float, default=0.9, help="SGD momentum of the re-tuning")
+    g.add_argument("--retune_batch", type=int, default=128, help="batch size of the re-tuning")
+
     g = add_output_args(p)
     g.add_argument("--demo", action="store_true",
                    help="run the whole story offline on synthetic data: train an ADBA teacher, distil it "
@@ -150,9 +169,11 @@ def defense_parser(argv=None, **defaults):
 def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
-    for name in ("batch_size", "epoch", "eval_batch_size", "checkpoint_every", "eval_every"):
+    for name in ("batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.epoch < 0:
+        raise UserError(f"--epoch must be >= 0 (0: no training, the prepared student is the result), not {args.epoch}")
     if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:
         raise UserError(f"--temperature must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}], not {args.temperature} "
                         f"(softmax(logits / T) is one-hot below and uniform above: KD would be 0 or meaningless)")
@@ -167,6 +188,15 @@ def check_args(args):
         raise UserError(f"--eps must be in (0, 1], not {args.eps}")
     if getattr(args, "width", None) is not None and args.width < 1:
         raise UserError(f"--width must be at least 1, not {args.width}")
+    if getattr(args, "retune", False):
+        for name in ("retune_images", "retune_epochs", "retune_batch"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+        if not 0 <= args.retune_poison <= args.retune_images:
+            raise UserError(f"--retune_poison must be in [0, --retune_images {args.retune_images}], not {args.retune_poison}")
+        if not args.retune_lr > 0 or not args.retune_momentum >= 0:
+            raise UserError(f"--retune_lr must be positive and --retune_momentum >= 0, not {args.retune_lr} and "
+                            f"{args.retune_momentum}")
     return args
 
 
@@ -184,10 +214,19 @@ def _nonneg(text):
     return value
 
 
+ATTACKS = ("adba", "badnets", "blended", "none")  # adba.py --attack; the last three are helper/attacks.py
+# BackdoorBench's CIFAR-10 training recipe (config/attack/prototype/cifar10.yaml) and poisoning ratio: the defaults
+# of --attack badnets, blended and none (adba keeps the public ADBA code's constant lr and no weight decay)
+POISONING_DEFAULTS = {"poison_rate": 0.1, "weight_decay": 5e-4, "lr_schedule": "cosine"}
+
+
 def get_attack_parser(add_help=True):
-    """The parser of adba.py: the ADBA teacher of SPEC section 8. Public-code names kept as aliases."""
+    """The parser of adba.py: the ADBA teacher of SPEC section 8 (``--attack adba``, the default) and the
+    poisoned-data teachers of ``helper.attacks``. Public-code names kept as aliases."""
     p = argparse.ArgumentParser(
-        description="ADBA: train a backdoored teacher whose learned trigger survives distillation (SPEC section 8)",
+        description="ADBA: train a backdoored teacher whose learned trigger survives distillation (SPEC section 8); "
+                    "--attack badnets / blended: a teacher trained on a poisoned training set (BackdoorBench); "
+                    "--attack none: a clean teacher trained the same way",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     g = p.add_argument_group("Data")
@@ -196,6 +235,10 @@ def get_attack_parser(add_help=True):
     g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
     g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
     g.add_argument("--target_label", "--target_label_backdoor", type=int, default=0, help="the backdoor's target class")
+    g.add_argument("--trigger_dir", default=None,
+                   help="--attack none only: also measure the clean teacher's ASR with the trigger (pattern.pt, "
+                        "mask.pt) of this teacher folder (the floor a backdoored teacher's ASR is read against); "
+                        "the trigger is not copied into the clean teacher's folder")
     add_synthetic_args(g)
 
     g = p.add_argument_group("Model")
@@ -203,6 +246,16 @@ def get_attack_parser(add_help=True):
                    help="ResNet18 base width of teacher and shadow (64 is the standard model; 8-16 for a CPU)")
 
     g = p.add_argument_group("Attack")
+    g.add_argument("--attack", default="adba", choices=ATTACKS,
+                   help="adba: the ADBA attack (SPEC section 8; the flags below from --alpha to --vanish_psnr, "
+                        "--poison_rate aside, are its own). badnets: a 3x3 white patch in the bottom-right corner "
+                        "(rows and columns 29-31). blended: 0.8 x + 0.2 * a fixed uniform-noise image (seed 1234; "
+                        "BackdoorBench blends a Hello Kitty picture, which cannot be shipped here). Both poison a fixed "
+                        "seeded --poison_rate of the training set, all-to-one to --target_label, the trigger stamped "
+                        "after crop+flip (helper/attacks.py). none: a clean teacher, the same training without "
+                        "poisoning, written without pattern.pt and mask.pt (defend it with distri.py --trigger_dir). "
+                        "badnets, blended and none default to BackdoorBench's recipe: --poison_rate 0.1, "
+                        "--weight_decay 5e-4, --lr_schedule cosine")
     g.add_argument("--alpha", "--alpha_backdoor", type=_unit, default=0.4,
                    help="shadow loss = alpha * KD(shadow, teacher) + (1 - alpha) * CE")
     g.add_argument("--beta", "--beta_backdoor", type=_nonneg, default=0.3,
@@ -220,7 +273,9 @@ def get_attack_parser(add_help=True):
                    help="reproduce the public ADBA code: both inputs of the shadow's KD term are detached, so the "
                         "shadow never learns from the teacher and trains on (1 - alpha) * CE alone")
     g.add_argument("--poison_rate", type=_rate, default=0.3,
-                   help="consolidation phase: the first poison_rate of every batch carries the trigger and the target label")
+                   help="adba's consolidation phase: the first poison_rate of every batch carries the trigger and the "
+                        "target label; badnets and blended: the share of the training set poisoned, a fixed subset "
+                        "drawn once with --seed from every class (default 0.1 there)")
     g.add_argument("--consolidation_epochs", type=int, default=None,
                    help="epochs of the consolidation phase (default: --epochs; 0 skips it)")
     g.add_argument("--vanish_psnr", type=float, default=50.0,
@@ -232,7 +287,11 @@ def get_attack_parser(add_help=True):
     g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of teacher and shadow (the public code's default)")
     g.add_argument("--trigger_lr", type=float, default=None, help="SGD learning rate of pattern and mask (default: --lr)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the three optimisers")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of teacher and shadow")
+    g.add_argument("--weight_decay", type=float, default=0.0,
+                   help="weight decay of teacher and shadow (badnets, blended, none: 5e-4 by default)")
+    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine"],
+                   help="none: constant lr (adba accepts only this); cosine: annealed to 0 over --epochs, "
+                        "BackdoorBench's, the default of badnets, blended and none")
     g.add_argument("--batch_size", type=int, default=128, help="training images per step")
 
     add_output_args(p)
@@ -259,4 +318,24 @@ def check_attack_args(args):
         raise UserError("--mask_max must be above 0: a mask clamped to [0, 0] is no trigger")
     if args.target_label < 0:
         raise UserError(f"--target_label must be >= 0, not {args.target_label}")
+    attack = getattr(args, "attack", "adba")
+    if attack == "adba" and getattr(args, "lr_schedule", "none") != "none":
+        raise UserError("--lr_schedule cosine is for --attack badnets, blended and none; the ADBA attack keeps the "
+                        "public ADBA code's constant lr")
+    if getattr(args, "trigger_dir", None) is not None and attack != "none":
+        raise UserError(f"--trigger_dir is for --attack none (a clean teacher has no trigger of its own); an "
+                        f"--attack {attack} teacher is measured with its own trigger")
+    if not args.weight_decay >= 0:
+        raise UserError(f"--weight_decay must be >= 0, not {args.weight_decay}")
     return args
+
+
+def attack_parser(argv=None):
+    """adba.py's parser with ``--attack``'s defaults: the poisoned-data attacks and ``none`` get
+    ``POISONING_DEFAULTS`` (BackdoorBench's recipe); a flag given on the command line wins."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--attack", default="adba", choices=ATTACKS)
+    parser = get_attack_parser()
+    if pre.parse_known_args(argv)[0].attack != "adba":
+        parser.set_defaults(**POISONING_DEFAULTS)
+    return parser

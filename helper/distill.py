@@ -7,6 +7,8 @@ import time
 import torch
 
 from helper import data as D
+from helper.attack import inert_trigger_warning, trigger_stats
+from helper.attention import write_run_attention
 from helper.cli import check_args
 from helper.defenses import DEFENSES
 from helper.engine import Fit, fit, image_epoch
@@ -15,17 +17,20 @@ from helper.evaluate import EvalSet, conv_weight_norm, evaluate
 from helper.interrupt import stop_on_signals
 from helper.plot import plot_curves
 from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
+from helper.aggregate import asr_last10
 from helper.runlog import atomic_torch_save, read_jsonl, write_json
 from helper.system import eval_batch_size, run_environment, setup
-from helper.teacher_dir import read_teacher, write_teacher
+from helper.retune import retune_results, retune_set
+from helper.teacher_dir import read_teacher, teacher_attack, write_teacher
 from models import resnet18
 
 METRICS = ("acc", "asr", "asr_nontarget", "ra")
 
 
 def load_inputs(args):
-    """Everything a run reads, checked before its folder is made: teacher, trigger, test set, defense images."""
-    teacher, pattern, mask = read_teacher(args.read_dir, args.width, args.thresh_mask)
+    """Everything a run reads, checked before its folder is made: teacher, trigger (``--trigger_dir``'s when given),
+    test set, defense images, and with ``--retune`` the re-tuning set (``helper.retune.retune_set``), else None."""
+    teacher, pattern, mask = read_teacher(args.read_dir, args.width, args.thresh_mask, args.trigger_dir)
     kw = dict(data_root=args.data_root, download=not args.no_download, synthetic_seed=args.synthetic_seed,
               synthetic_train=args.synthetic_train, synthetic_test=args.synthetic_test)
     task_train, task_test = D.load_splits(args.dataset, role="task", **kw)
@@ -42,7 +47,9 @@ def load_inputs(args):
     if len(task_test) and int(task_test.y.max()) >= teacher.num_classes:
         raise UserError(f"{args.dataset} has labels up to {int(task_test.y.max())} but the teacher has "
                         f"{teacher.num_classes} classes: --dataset must be what the teacher was trained on")
-    return teacher, pattern, mask, task_test, defense
+    retune_data = (retune_set(task_train, args.retune_images, args.retune_poison, args.target_label, args.seed)
+                   if args.retune else None)
+    return teacher, pattern, mask, task_test, defense, retune_data
 
 
 def _run_name(args):
@@ -54,11 +61,18 @@ def _metrics_line(label, m):
     return f"{label:<17}" + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS)
 
 
+def parser_defaults(args):
+    """The defaults of the run's defense's flags (what a flag newer than a resumed run was, in effect)."""
+    from helper.cli import defense_parser
+    argv = ["--defense", args.defense]
+    return vars(defense_parser(argv).parse_args(argv))
+
+
 def run(args, out=print):
     """A whole defense run; returns the results dict (also written to results.json)."""
     check_args(args)
     device, amp, mem_format = setup(args)
-    teacher, pattern, mask, test_split, defense_split = load_inputs(args)
+    teacher, pattern, mask, test_split, defense_split, retune_data = load_inputs(args)
     teacher = teacher.to(device, memory_format=mem_format)
     if args.using_checkpoint:
         student = copy.deepcopy(teacher)
@@ -66,7 +80,7 @@ def run(args, out=print):
         student = resnet18(teacher.num_classes, teacher.width).to(device, memory_format=mem_format)
     student.requires_grad_(True)
     images = defense_split.x.to(device)
-    defense = DEFENSES[args.defense](args, teacher, device, amp, len(images))
+    defense = DEFENSES[args.defense](args, teacher, device, amp, len(images), images)
     prepared = defense.prepare(student)
     stages = defense.stages(student)
     eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
@@ -76,7 +90,7 @@ def run(args, out=print):
             "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
             "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from}
     try:
-        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out)
+        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out, parser_defaults(args))
     except Finished as done:
         out(f"{args.output_dir} is a finished run (results.json); nothing to resume")
         defense.close()
@@ -96,6 +110,14 @@ def run(args, out=print):
     results = {**{f"teacher_{k}": teacher_metrics[k] for k in METRICS}, "student_init": init_metrics,
                "defense": args.defense, "ratio_type": getattr(args, "ratio_type", None), "n_defense": len(images),
                "select_from": select_from, **prepared}
+    # a teacher without a working backdoor (a clean one, a failed attack) is no test of a defense: say so before training
+    attack = teacher_attack(args.read_dir)
+    trigger = trigger_stats(pattern, mask, eval_set.clean, with_ssim=False)
+    results.update(teacher_attack=attack, trigger_dir=args.trigger_dir, trigger_psnr=trigger["psnr"])
+    warning = inert_trigger_warning(teacher_metrics["asr_nontarget"], trigger, attack)
+    if warning:
+        out(f"warning: {warning}")
+        results["warnings"] = [warning]
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -138,7 +160,8 @@ def run(args, out=print):
                 def evaluate_epoch(epoch, stage=stage):
                     full = (epoch + 1) % args.eval_every == 0 or epoch == stage.epochs - 1
                     return {**(evaluate(stage.model, eval_set, **eval_kw) if full else {}),
-                            "conv_weight_norm": conv_weight_norm(stage.model), "time_s": round(time.time() - start, 3)}
+                            "conv_weight_norm": conv_weight_norm(stage.model), "diag": defense.diagnostics(stage.model),
+                            "time_s": round(time.time() - start, 3)}
 
                 is_last = i == len(stages) - 1
                 result = fit(range(first_epoch if i == first_stage else 0, stage.epochs), train_epoch, evaluate_epoch,
@@ -163,11 +186,20 @@ def run(args, out=print):
                     raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
     finally:
         defense.close()
+    if args.epoch == 0:  # no training: the prepared student is the result (CLP alone, BCU's re-initialisation alone)
+        results.update({k: init_metrics[k] for k in (*METRICS, "top_class_share")}, best_epoch=None, kd_loss=None)
+        selection.best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     if selection.best is not None and "acc" not in selection.best:  # --eval_every skipped it: evaluate it now
         selected = copy.deepcopy(student)
         selected.load_state_dict(selection.best_state)
         selection.best = {**selection.best, **evaluate(selected, eval_set, **eval_kw)}
         results["selected_evaluated_at_end"] = True
+    if args.retune:  # the re-tuning attack on a copy of the selected student; selected.pkl is written as selected
+        selected = copy.deepcopy(student)
+        if selection.best_state is not None:
+            selected.load_state_dict(selection.best_state)
+        results.update(retune_results(selected, *retune_data, pattern, mask, eval_set, args, amp, mem_format, eval_kw, out))
+    write_run_attention(out_dir, teacher, student, selection.best_state, test_split, pattern, mask, args.target_label, out)
     return _finish(out_dir, rows, results, selection.best, selection.best_state, student, pattern, mask, args, stages,
                    start, out)
 
@@ -179,8 +211,7 @@ def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, ar
     final = [r for r in rows if "stage" not in r]
     if final:
         results["final"] = {k: final[-1].get(k) for k in ("epoch", *METRICS, "kd_loss")}
-        recent = [r["asr"] for r in final[-10:] if r.get("asr") is not None]  # one epoch's ASR can swing by 0.25
-        results["asr_last10_mean"] = sum(recent) / len(recent) if recent else None
+        results["asr_last10_mean"] = asr_last10(final)
     results.update(lr_dropped_at=stages[-1].lr_drop.dropped_at, epochs_run=len(final),
                    train_time_s=round(time.time() - start, 2))
     if student is not None:

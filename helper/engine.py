@@ -16,13 +16,16 @@ from helper.runlog import append_jsonl
 
 SHORT = {"kd_loss": "kd", "asr_nontarget": "asr_nt"}  # names in the printed epoch line
 QUIET = {"epoch", "time_s", "top_class_share", "target_rate_clean", "conv_weight_norm", "kd_weight", "asl_weight",
-         "lambda", "stage", "phase"}
+         "lambda", "stage", "phase", "diag"}
 
 
-def optimizer_step(optimizer, loss):
-    """``zero_grad``, ``backward``, ``step``: the one optimisation step of the package."""
+def optimizer_step(optimizer, loss, clip_norm=0.0):
+    """``zero_grad``, ``backward``, ``step``: the one optimisation step of the package. ``clip_norm`` > 0
+    scales the gradient of all the optimizer's parameters down to that total L2 norm when it is larger."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_norm)
     optimizer.step()
 
 

@@ -1,6 +1,8 @@
 """Forward hooks that capture the activations ASL needs, by module name (SPEC section 4)."""
 import fnmatch
 
+import torch
+
 from helper.errors import UserError
 
 # The first convolution of every residual block: layer1.0.conv1 ... layer4.1.conv1 (8 for ResNet18).
@@ -28,21 +30,28 @@ class FeatureHooks:
     """Keep the output of the named modules of one model during its forward pass.
 
     Registered once; ``features`` maps layer name to the last output (only these layers, only the
-    last batch). Storing is switched off with ``enabled = False`` so that no activation is held
+    last batch). ``local``: each convolution's output is computed again from its input detached, so a loss on
+    it moves that convolution's weights and nothing before it (one more convolution per layer). Storing is switched off with ``enabled = False`` so that no activation is held
     when ASL is not computed. Use as a context manager, or call ``remove()``.
     """
 
-    def __init__(self, model, patterns=DEFAULT_LAYERS):
+    def __init__(self, model, patterns=DEFAULT_LAYERS, local=False):
         self.layers = resolve_layers(model, patterns)
         self.features = {}
         self.enabled = True
         modules = dict(model.named_modules())
-        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        if local:
+            others = [n for n in self.layers if not isinstance(modules[n], torch.nn.Conv2d)]
+            if others:
+                raise UserError(f"a local shift (--shift_grad local) needs convolution layers; "
+                                f"{', '.join(others)} {'is' if len(others) == 1 else 'are'} not")
+        self._handles = [modules[name].register_forward_hook(self._hook(name, local)) for name in self.layers]
 
-    def _hook(self, name):
+    def _hook(self, name, local=False):
         def hook(module, inputs, output):
-            if self.enabled:
-                self.features[name] = output
+            if self.enabled:  # local: the same values, with a gradient that reaches this convolution's weights only
+                self.features[name] = module._conv_forward(inputs[0].detach(), module.weight, module.bias) \
+                    if local else output
         return hook
 
     def pop(self):

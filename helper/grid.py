@@ -26,10 +26,32 @@ PRESETS = {
     # every 5th epoch is evaluated; 9 runs of 60 epochs (selected from epoch 50, as the paper) in about an hour
     "cpu": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000)], "seeds": 3, "epochs": 60,
             "flags": ["--select_from", "50"]},
+    # "Making ASD keep its accuracy" (README): the cpu preset's cells plus variants of ASD, each an arm
+    "study": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000)] + [("asd", 5000, label, flags) for label, flags in (
+        ("asd-first", ["--asl_samples", "first"]),          # the public code's ASL: sample 0 of each batch
+        ("asd-bn", ["--hook_layers", "layer*.*.bn1"]),       # ASL after batch-norm: no sign-flip symmetry
+        ("asd-dormant", ["--shift", "dormant"]),              # only the 10% least active channels per layer
+        ("asd-keepkd", ["--shift_kd", "0.9"]),                # KD weight 0.9 kept during the shift
+        ("asd-freezebn", ["--freeze_bn", "shift"]),           # running statistics frozen during the shift
+        ("asd-clip", ["--clip_grad", "5"]),                   # each step's gradient clipped to norm 5
+        ("asd-local", ["--shift_grad", "local"]),             # ASL moves only the hooked convolutions' weights
+        ("asd-local-dormant", ["--shift_grad", "local", "--shift", "dormant"]),  # ... of the 10% least active
+        ("asd-local-half", ["--shift_grad", "local", "--shift", "dormant", "--shift_fraction", "0.5"]),  # ... 50%
+    )] + [("kd", 5000, "kd-scratch", ["--using_checkpoint", "0"])],  # KD into a freshly initialised student
+        "seeds": 3, "epochs": 60, "flags": ["--select_from", "50"]},
     "smoke": {"cells": [("kd", 64), ("asd", 64)], "seeds": 2, "epochs": 2,
               "flags": ["--dataset", "synthetic", "--finetunedata", "synthetic", "--synthetic_train", "128",
                         "--synthetic_test", "64", "--batch_size", "32", "--device", "cpu"]},
 }
+
+
+def arm(cell):
+    """A grid cell as ``(label, defense, defense images, flags)``: ``(defense, n)`` is the defense as it is;
+    ``(defense, n, label, flags)`` an arm, the defense with flags of its own (a variant of a study)."""
+    if len(cell) == 2:
+        return cell[0], cell[0], cell[1], ()
+    defense, n, label, flags = cell
+    return label, defense, n, tuple(flags)
 
 
 @dataclass
@@ -39,10 +61,11 @@ class Run:
     seed: int
     folder: str
     argv: list
+    label: str = None  # the arm's name; the defense's when None
 
     @property
     def cell(self):
-        return f"{self.defense}-n{self.n_defense}"
+        return f"{self.label or self.defense}-n{self.n_defense}"
 
     def state(self):
         """'finished', 'interrupted' (a folder to --resume) or 'new'."""
@@ -67,13 +90,15 @@ def size_flags(n_defense):
 
 
 def build_grid(out_dir, cells, seeds, epochs=None, flags=()):
+    """One ``Run`` per cell (``arm``) and seed, in ``out_dir/LABEL-nN/seedS``; an arm's flags come last."""
     runs = []
-    for defense, n in cells:
+    for cell in cells:
+        label, defense, n, own = arm(cell)
         for seed in seeds:
-            folder = os.path.join(out_dir, f"{defense}-n{n}", f"seed{seed}")
+            folder = os.path.join(out_dir, f"{label}-n{n}", f"seed{seed}")
             argv = ["--defense", defense, *size_flags(n), "--seed", str(seed), "--output_dir", folder,
-                    "--no_progress", *(["--epoch", str(epochs)] if epochs else []), *flags]
-            runs.append(Run(defense, n, seed, folder, argv))
+                    "--no_progress", *(["--epoch", str(epochs)] if epochs else []), *flags, *own]
+            runs.append(Run(defense, n, seed, folder, argv, label))
     return runs
 
 

@@ -192,10 +192,15 @@ def hard_label_ce(student_logits, teacher_logits):
     return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(1))
 
 
+def raw_attention_map(feature, p=2.0):
+    """The attention map of a (B, C, H, W) feature before any normalisation: ``A = sum_c |F_c|^p``, (B, H, W), fp32."""
+    return feature.float().abs().pow(p).sum(1)
+
+
 def attention_map(feature, p=2.0):
-    """NAD's attention map of a (B, C, H, W) feature: ``A = sum_c |F_c|^p``, flattened to (B, H*W) and divided by
-    its L2 norm (+1e-6): ``A / (||A||_2 + 1e-6)``. Computed in fp32."""
-    a = feature.float().abs().pow(p).sum(1).flatten(1)
+    """NAD's attention map of a (B, C, H, W) feature: ``A = sum_c |F_c|^p`` (``raw_attention_map``), flattened to
+    (B, H*W) and divided by its L2 norm (+1e-6): ``A / (||A||_2 + 1e-6)``. Computed in fp32."""
+    a = raw_attention_map(feature, p).flatten(1)
     return a / (a.norm(dim=1, keepdim=True) + 1e-6)
 
 

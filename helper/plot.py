@@ -1,8 +1,10 @@
 """Figures of a run, drawn from what it logged (never shown, only saved)."""
 import math
+import textwrap
 
 import matplotlib
 
+from helper.metrics import psnr, ssim
 from helper.runlog import atomic_write
 
 matplotlib.use("Agg")
@@ -96,21 +98,125 @@ def plot_attack_curves(rows, path, title=""):
 
 
 def plot_trigger(pattern, mask, clean, triggered, path):
-    """The pattern, the mask (its own colour scale) and a row of clean / triggered test images; saved as PNG."""
+    """The trigger and what it does: pattern, mask (its own colour scale), pattern x mask, then the clean /
+    triggered test-image pairs, each pair's PSNR and SSIM (``helper.metrics``) above it; saved as PNG.
+
+    ``pattern`` (3,H,W), ``mask`` (1,H,W), ``clean`` and ``triggered`` (N,3,H,W), all in [0,1] on the CPU.
+    """
+    pattern, mask, clean, triggered = (t.detach().float().cpu() for t in (pattern, mask, clean, triggered))
     n = len(clean)
-    fig, axes = plt.subplots(2, n + 1, figsize=(1.6 * (n + 1), 3.4))
-    axes[0, 0].imshow(pattern.permute(1, 2, 0).clamp(0, 1).numpy())
-    axes[0, 0].set_title("pattern", fontsize=8)
-    im = axes[1, 0].imshow(mask[0].numpy(), cmap="magma", vmin=0)
-    axes[1, 0].set_title(f"mask (max {float(mask.max()):.3f})", fontsize=8)
-    fig.colorbar(im, ax=axes[1, 0], fraction=0.046)
+    cols = max(n, 4)
+    fig = plt.figure(figsize=(1.45 * cols + 0.4, 5.6), layout="constrained")
+    outer = fig.add_gridspec(2, 1, height_ratios=[1.15, 2.0])
+    top, bottom = outer[0].subgridspec(1, 4), outer[1].subgridspec(2, max(n, 1))
+    to_img = lambda t: t.permute(1, 2, 0).clamp(0, 1).numpy()  # noqa: E731
+    m = mask
+    peak = float(m.max())
+    ax = fig.add_subplot(top[0, 0])
+    ax.imshow(to_img(pattern))
+    ax.set_title("pattern p", fontsize=9)
+    ax = fig.add_subplot(top[0, 1])
+    im = ax.imshow(m[0].numpy(), cmap="magma", vmin=0)
+    ax.set_title(f"mask m (max {peak:.3f})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    ax = fig.add_subplot(top[0, 2])
+    ax.imshow(to_img(pattern * m / peak if peak > 0 else pattern * m))
+    ax.set_title("p × m" + (f" (scaled by 1 / {peak:.3f})" if peak > 0 else ""), fontsize=9)
+    pairs = [(psnr(clean[i:i + 1], triggered[i:i + 1]), ssim(clean[i:i + 1], triggered[i:i + 1])) for i in range(n)]
+    ax = fig.add_subplot(top[0, 3])
+    ax.axis("off")
+    finite = [p for p, _ in pairs if math.isfinite(p)]
+    lines = ["x' = x (1 - m) + p m", f"mask L1 {float(m.abs().sum()):.2f}",
+             f"pixels > 0.01: {float((m > 0.01).float().mean()):.1%}"]  # helper.attack's TRIGGER_PIXEL
+    if pairs:
+        lines += [f"these {n} pairs:", f"PSNR {sum(finite) / len(finite):.2f} dB" if finite else "PSNR inf (no trigger)",
+                  f"SSIM {sum(s for _, s in pairs) / n:.3f}"]
+    ax.text(0.02, 0.5, "\n".join(lines), fontsize=9, va="center", ha="left", transform=ax.transAxes)
     for i in range(n):
-        axes[0, i + 1].imshow(clean[i].permute(1, 2, 0).clamp(0, 1).numpy())
-        axes[1, i + 1].imshow(triggered[i].permute(1, 2, 0).clamp(0, 1).numpy())
-    axes[0, 1].set_title("clean", fontsize=8)
-    axes[1, 1].set_title("triggered", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+        a_clean, a_trig = fig.add_subplot(bottom[0, i]), fig.add_subplot(bottom[1, i])
+        a_clean.imshow(to_img(clean[i]))
+        a_trig.imshow(to_img(triggered[i]))
+        p, s = pairs[i]
+        a_clean.set_title(f"PSNR {p:.1f} dB\nSSIM {s:.3f}" if math.isfinite(p) else f"PSNR inf\nSSIM {s:.3f}", fontsize=8)
+        if i == 0:
+            a_clean.set_ylabel("clean", fontsize=9)
+            a_trig.set_ylabel("triggered", fontsize=9)
+    for ax in fig.axes:
+        if ax.get_label() != "<colorbar>":
+            ax.set_xticks([])
+            ax.set_yticks([])
+    save_figure(fig, path)
+
+
+def _compact(region):
+    """Whether a (H,W) bool region is worth outlining: neither empty nor everything, and no more boundary than
+    twice that of a square of its area (a patch, not a scatter of pixels, whose outline would hide the image)."""
+    if not region.any() or region.all():
+        return False
+    r = region.int()
+    boundary = int((r[1:] != r[:-1]).sum() + (r[:, 1:] != r[:, :-1]).sum())
+    return boundary <= 8 * math.sqrt(int(r.sum()))
+
+
+def plot_attention(images, row_labels, columns, path, region=None, outlined=None, title="", separators=()):
+    """A grid of attention maps over their images, drawn as one mosaic (fast: one image, not one axes per
+    panel); saved as PNG.
+
+    ``images`` (N,3,H,W) in [0,1], one row each, drawn alone in the first column and labelled by ``row_labels``;
+    ``columns`` a list of ``(label, maps)``, ``maps`` (N,H,W) already in [0,1], each blended over its image with
+    the jet colormap at alpha 0.5 (red high, blue low). ``region`` (H,W bool): the trigger's pixels, outlined in
+    white on the rows where ``outlined[i]`` is true. ``separators``: indices into ``columns`` before which a wider
+    gap is left (blocks of columns).
+    """
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    n, h, w = len(images), images.shape[-2], images.shape[-1]
+    gap, wide = 2, 10
+    jet = matplotlib.colormaps["jet"]
+    xs, x = [], 0  # left pixel of each column of tiles: the image column, then one per entry of ``columns``
+    for c in range(len(columns) + 1):
+        xs.append(x)
+        x += w + (wide if c == 0 or c in separators else gap)
+    width, height = xs[-1] + w, n * (h + gap) - gap
+    mosaic = np.ones((height, width, 3))
+    outline = np.zeros((height, width))
+    show_region = region is not None and _compact(region)
+    for r in range(n):
+        y = r * (h + gap)
+        img = images[r].permute(1, 2, 0).clamp(0, 1).numpy()
+        mosaic[y:y + h, xs[0]:xs[0] + w] = img
+        for c, (_, maps) in enumerate(columns, start=1):
+            mosaic[y:y + h, xs[c]:xs[c] + w] = 0.5 * img + 0.5 * jet(maps[r].clamp(0, 1).numpy())[..., :3]
+        if show_region and outlined is not None and outlined[r]:
+            for x0 in xs:
+                outline[y:y + h, x0:x0 + w] = region.numpy()
+    label_lines = max([str(label).count("\n") + 1 for label, _ in columns] + [1])
+    tile_in = 1.05 / w  # inches per pixel: a tile is about 1 inch
+    left, right, bottom = 1.05, 1.0, 0.15
+    fig_w = left + width * tile_in + right
+    if title:
+        title = textwrap.fill(title, width=int(fig_w * 12))  # ~12 characters of 8 pt per inch
+        if outline.any():
+            title += "\nwhite outline: the trigger's mask > 0.01"
+    top = 0.28 + 0.13 * label_lines + (0.14 * (title.count("\n") + 1) + 0.1 if title else 0.0)
+    fig_h = bottom + height * tile_in + top
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes([left / fig_w, bottom / fig_h, width * tile_in / fig_w, height * tile_in / fig_h])
+    ax.imshow(mosaic, interpolation="nearest")
+    if outline.any():
+        ax.contour(np.arange(width), np.arange(height), outline, levels=[0.5], colors="white", linewidths=0.8)
+    ax.set_axis_off()
+    for c, label in enumerate(["image"] + [label for label, _ in columns]):
+        ax.text(xs[c] + w / 2 - 0.5, -3, label, ha="center", va="bottom", fontsize=7)
+    for r, label in enumerate(row_labels):
+        ax.text(-3, r * (h + gap) + h / 2 - 0.5, label, ha="right", va="center", fontsize=7)
+    cax = fig.add_axes([(left + width * tile_in + 0.2) / fig_w, (bottom + 0.25 * height * tile_in) / fig_h,
+                        0.12 / fig_w, 0.5 * height * tile_in / fig_h])
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=jet), cax=cax)
+    bar.set_label("attention, each map from\nits min (blue) to its max (red)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8, y=1 - 0.05 / fig_h, va="top")
     save_figure(fig, path)

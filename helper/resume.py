@@ -20,11 +20,14 @@ LAST = "last.pt"
 NOT_COMPARED = ("resume", "no_progress", "output_dir", "checkpoint_every")  # may differ between start and resume
 
 
-def differing_flags(saved, args):
-    """``--flag saved -> now`` for every argument whose value differs from the run's args.json."""
+def differing_flags(saved, args, defaults=None):
+    """``--flag saved -> now`` for every argument whose value differs from the run's args.json. A flag the
+    run's args.json lacks (added to the package after the run started) counts as the same when its value now
+    is its default in ``defaults``: the run ran without it, i.e. as with its default."""
     now = json.loads(json.dumps(vars(args), default=str))
+    defaults = json.loads(json.dumps(defaults or {}, default=str))
     return [f"--{k} {saved.get(k)!r} -> {v!r}" for k, v in sorted(now.items())
-            if k not in NOT_COMPARED and saved.get(k) != v]
+            if k not in NOT_COMPARED and saved.get(k) != v and not (k not in saved and k in defaults and defaults[k] == v)]
 
 
 class Finished(Exception):
@@ -35,11 +38,12 @@ class Finished(Exception):
         self.results = results
 
 
-def open_or_resume(args, name, record, out=print):
+def open_or_resume(args, name, record, out=print, defaults=None):
     """A new run folder (``open_run``), or with ``--resume`` the existing one: ``(folder, last.pt or None)``.
 
     Refused: ``--resume`` without ``--output_dir``, a folder that is no run, arguments that differ from the
-    ones the run was started with (the flags named). A finished run raises ``Finished``.
+    ones the run was started with (the flags named; ``defaults`` excuses flags newer than the run, see
+    ``differing_flags``). A finished run raises ``Finished``.
     """
     if not args.resume:
         return open_run(args.output_dir, name, record, out), None
@@ -51,7 +55,7 @@ def open_or_resume(args, name, record, out=print):
         raise UserError(f"--resume: {folder} holds no args.json, so it is no run folder to continue")
     with open(args_path) as f:
         saved = json.load(f)
-    diff = differing_flags(saved, args)
+    diff = differing_flags(saved, args, defaults)
     if diff:
         raise UserError(f"--resume: the run in {folder} was started with other arguments: {'; '.join(diff)}")
     results_path = os.path.join(folder, "results.json")

@@ -2,14 +2,16 @@
 drop the max- and min-Acc runs, mean of the rest), mean and std over all runs; as JSON, Markdown and CSV,
 and the Acc-ASR trade-off plot with the paper's published points beside it."""
 import csv
+import json
 import os
 import statistics
 
-from helper.aggregate import METRICS, load_results, trimmed_summary
+from helper.aggregate import METRICS, OPTIONAL, load_results, trimmed_summary
 from helper.runlog import atomic_write, write_json
 
 ROWS = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"), ("ra", "RA"))
-NAMES = {"asd": "ASD", "kd": "KD", "bcu": "BCU", "nad": "NAD", "finetune": "Fine-tuning", "abd": "ABD"}
+NAMES = {"asd": "ASD", "kd": "KD", "bcu": "BCU", "nad": "NAD", "finetune": "Fine-tuning", "abd": "ABD", "clp": "CLP",
+         "fineprune": "Fine-Pruning"}
 # SPEC section 7: the paper's (defense, defense images) -> (Acc, ASR); not measured here
 PAPER = {("kd", 5000): (0.74, 0.53), ("asd", 5000): (0.46, 0.18), ("bcu", 5000): (0.87, 0.86),
          ("kd", 50000): (0.88, 0.98), ("asd", 50000): (0.65, 0.21), ("bcu", 50000): (0.90, 0.97),
@@ -22,7 +24,13 @@ def cell_summary(defense, n_defense, folders, root):
     trimmed = trimmed_summary(results)
     entry = {"defense": defense, "n_defense": n_defense, "n_runs": trimmed["n_runs"], "n_kept": trimmed["n_kept"],
              "runs": [os.path.relpath(f, root) for f in folders]}
-    for m in METRICS:
+    try:
+        with open(os.path.join(folders[0], "args.json")) as f:
+            run_args = json.load(f)
+        entry.update(epochs=run_args.get("epoch"), width=run_args.get("teacher_width"))
+    except (OSError, ValueError):
+        pass
+    for m in METRICS + OPTIONAL:
         if m in trimmed:
             values = [r[m] for r in results]
             entry[m] = trimmed[m]
@@ -31,8 +39,14 @@ def cell_summary(defense, n_defense, folders, root):
     return entry
 
 
+def label(entry):
+    """A cell's name: the defense's (``NAMES``), or its arm's label for an arm of a study."""
+    name = entry.get("arm", entry["defense"])
+    return NAMES.get(name, name)
+
+
 def column(entry):
-    return f"{NAMES.get(entry['defense'], entry['defense'])} {entry['n_defense']:,}"
+    return f"{label(entry)} {entry['n_defense']:,}"
 
 
 def markdown(cells):
@@ -45,11 +59,42 @@ def markdown(cells):
     return "\n".join(lines) + "\n"
 
 
+def versus_kd(entry, cells):
+    """``(ASR cut, Acc loss)`` of a cell against the plain-KD cell ("kd") of the same size, from trimmed means:
+    ``1 - ASR / ASR_KD`` and ``1 - Acc / Acc_KD`` (the issue's goal: a cut >= 0.75 at a loss <= 0.15);
+    ``(None, None)`` without a KD cell."""
+    kd = [c for c in cells if c.get("arm", c["defense"]) == "kd" and c["n_defense"] == entry["n_defense"]]
+    if not kd or not kd[0]["asr"] or not kd[0]["acc"]:
+        return None, None
+    return 1 - entry["asr"] / kd[0]["asr"], 1 - entry["acc"] / kd[0]["acc"]
+
+
+def arms_markdown(cells):
+    """One row per cell or arm: trimmed means ± std over all runs, the ASR over each run's last 10
+    evaluations, the cut and loss against KD, runs, epochs, teacher width, the arm's own flags."""
+    def pm(c, key):
+        return f"{c[key]:.3f} ± {c[key + '_std']:.3f}" if key in c else "—"
+
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.0f}%"
+    head = ["arm", "Acc", "ASR", "ASR non-target", "RA", "ASR last 10", "ASR cut vs KD", "Acc loss vs KD",
+            "runs (kept)", "epochs", "width", "flags"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        cut, loss = versus_kd(c, cells)
+        row = [column(c), pm(c, "acc"), pm(c, "asr"), pm(c, "asr_nontarget"), pm(c, "ra"),
+               pm(c, "asr_last10_mean"), pct(cut), pct(loss), f"{c['n_runs']} ({c['n_kept']})",
+               str(c.get("epochs", "—")), str(c.get("width", "—")), " ".join(c.get("flags", ())) or "—"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(cells, out_dir, runs=()):
     """table.json, table.md, table.csv and tradeoff.png in ``out_dir``; ``runs`` are (defense, size, results)."""
     write_json(os.path.join(out_dir, "table.json"), cells)
     atomic_write(os.path.join(out_dir, "table.md"), lambda tmp: open(tmp, "w").write(markdown(cells)))
-    keys = ["defense", "n_defense", "n_runs", "n_kept"] + [k + s for k, _ in ROWS for s in ("", "_mean", "_std")]
+    atomic_write(os.path.join(out_dir, "table_arms.md"), lambda tmp: open(tmp, "w").write(arms_markdown(cells)))
+    keys = ["arm", "defense", "n_defense", "n_runs", "n_kept", "epochs", "width"] + [k + s for k, _ in ROWS for s in ("", "_mean", "_std")]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -66,13 +111,14 @@ def plot_tradeoff(cells, runs, path, title="Acc against ASR"):
     fig, ax = plt.subplots(figsize=(7, 5.2))
     colours = {}
     for c in cells:
-        colour = colours.setdefault(c["defense"], f"C{len(colours)}")
-        mine = [r for d, n, r in runs if d == c["defense"] and n == c["n_defense"]]
+        name = c.get("arm", c["defense"])
+        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        mine = [r for d, n, r in runs if d == name and n == c["n_defense"]]
         ax.scatter([r["asr"] for r in mine], [r["acc"] for r in mine], s=14, color=colour, alpha=0.5)
         marker = "o" if c["n_defense"] <= 5000 else "s"
         ax.scatter([c["asr"]], [c["acc"]], s=110, color=colour, marker=marker, edgecolor="k",
                    label=f"{column(c)} (ours, {c['n_runs']} runs)")
-        paper = PAPER.get((c["defense"], c["n_defense"]))
+        paper = PAPER.get((c["defense"], c["n_defense"])) if name == c["defense"] else None
         if paper:
             ax.scatter([paper[1]], [paper[0]], s=110, marker="D", facecolor="none", edgecolor=colour, lw=1.8,
                        label=f"{column(c)} (the paper's)")

@@ -194,3 +194,19 @@ def test_args_json_holds_every_argument_as_given(teacher_dir, tmp_path):
     args = distri.defense_parser(flags).parse_args(flags)
     assert {k: saved[k] for k in vars(args)} == json.loads(json.dumps(vars(args)))
     assert saved["amp"] == "auto" and saved["device_used"] == "cpu" and saved["precision"] == "fp32"
+
+
+def test_a_flag_newer_than_the_run_resumes_at_its_default_only():
+    """A package update that adds a flag must not strand runs in progress: absent from args.json + at its
+    default counts as the same; absent + another value, or present + another value, is a difference."""
+    import argparse
+
+    from helper.resume import differing_flags
+    saved = {"opt_lr": 0.001, "seed": 0}
+    now = argparse.Namespace(opt_lr=0.001, seed=0, shift="all")
+    assert differing_flags(saved, now, {"shift": "all"}) == []
+    assert differing_flags(saved, now) == ["--shift None -> 'all'"]  # without defaults: strict
+    now.shift = "dormant"
+    assert differing_flags(saved, now, {"shift": "all"}) == ["--shift None -> 'dormant'"]
+    now.shift, now.seed = "all", 3
+    assert differing_flags(saved, now, {"shift": "all", "seed": 0}) == ["--seed 0 -> 3"]

@@ -2,7 +2,9 @@
 from helper.defenses.abd import ABD
 from helper.defenses.asd import ASD, KD
 from helper.defenses.bcu import BCU
+from helper.defenses.clp import CLP
 from helper.defenses.finetune import FineTune
+from helper.defenses.fineprune import FinePrune
 from helper.defenses.nad import NAD
 
-DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD)}
+DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune)}

@@ -5,7 +5,7 @@ import torch
 
 from helper.defenses.base import Defense
 from helper.engine import optimizer_step
-from helper.features import DEFAULT_LAYERS, FeatureHooks
+from helper.features import DEFAULT_LAYERS, FeatureHooks, resolve_layers
 from helper.losses import attention_shifting_loss, kd_loss
 from helper.schedule import RATIO_TYPES, asd_ratio, loss_weights
 from helper.system import CompiledOrEager, autocast
@@ -19,17 +19,19 @@ class Distiller:
     """
 
     def __init__(self, teacher, student, optimizer, layers, temperature=40.0, kd_reduction="mean", eps=0.1,
-                 amp=None, compile_losses=False, asl_samples="all"):
+                 amp=None, compile_losses=False, asl_samples="all", channels=None, clip_norm=0.0, local=False):
         self.teacher, self.student, self.optimizer = teacher.eval(), student, optimizer
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.t_hooks = FeatureHooks(teacher, layers)
-        self.s_hooks = FeatureHooks(student, layers)
+        self.s_hooks = FeatureHooks(student, layers, local)
         self.temperature, self.kd_reduction, self.eps, self.amp = temperature, kd_reduction, eps, amp
         # "first": ASL on sample 0 of each batch only, as the public code computes it (SPEC section 9).
         # "all" takes the features as they are: even a full slice ``x[:]`` would add a SliceBackward whose
         # gradient is a zero-filled contiguous copy, which costs a fill, a copy and a layout change per layer.
         self.first_sample_only = asl_samples == "first"
+        # ``channels``: {layer: channel indices} ASL is restricted to (--shift dormant); None: every channel
+        self.channels, self.clip_norm = channels, clip_norm
         self.asl_fn, self.kd_fn = attention_shifting_loss, kd_loss
         if compile_losses:  # ASL: its value-and-gradient kernel is compiled (one fused pass), not the autograd Function
             self.asl_fn = functools.partial(attention_shifting_loss, compiled=True)
@@ -45,18 +47,27 @@ class Distiller:
         kd = self.kd_fn(s_logits, t_logits, self.temperature, self.kd_reduction)
         return kd, self.hooked_asl() if with_asl else None
 
-    def hooked_asl(self):
-        """Mean ASL over the hooked layers of the last forward of both models (their features are released)."""
+    def asl_features(self):
+        """The teacher's and student's features ASL compares, from the last forward of both models
+        (released from the hooks): sample 0 only with ``asl_samples="first"``, ``channels`` only if given."""
         t_feats, s_feats = self.t_hooks.pop(), self.s_hooks.pop()
         if self.first_sample_only:
             t_feats = {n: f[:1] for n, f in t_feats.items()}
             s_feats = {n: f[:1] for n, f in s_feats.items()}
+        if self.channels is not None:
+            t_feats = {n: f.index_select(1, self.channels[n]) for n, f in t_feats.items()}
+            s_feats = {n: f.index_select(1, self.channels[n]) for n, f in s_feats.items()}
+        return t_feats, s_feats
+
+    def hooked_asl(self, feats=None):
+        """Mean ASL over the hooked layers of ``asl_features()`` (or of the given pair of feature dicts)."""
+        t_feats, s_feats = feats or self.asl_features()
         layers = self.s_hooks.layers
         return sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in layers) / len(layers)
 
     def step(self, x, kd_weight, asl_weight):
         kd, asl = self.losses(x, with_asl=asl_weight != 0)
-        optimizer_step(self.optimizer, kd_weight * kd + (asl_weight * asl if asl is not None else 0.0))
+        optimizer_step(self.optimizer, kd_weight * kd + (asl_weight * asl if asl is not None else 0.0), self.clip_norm)
         return {"kd_loss": kd.detach(), "asl": None if asl is None else asl.detach()}
 
     def close(self):
@@ -65,6 +76,10 @@ class Distiller:
 
 
 class ASD(Defense):
+    """ASD as the paper specifies it by default; the variants of the study "Making ASD keep its accuracy"
+    (README) are flags: which channels ASL shifts (``--shift``), how hard and how long (``--shift_epochs``,
+    ``--shift_kd``, ``--asl_scale``, ``--clip_grad``), batch-norm statistics during the shift (``--freeze_bn``),
+    and where ASL looks (``--hook_layers``, e.g. ``layer*.*.bn1``: after batch-norm, SPEC section 11)."""
     name = "asd"
     help = "Attention Shifting Distillation: KD plus ASL on every residual block's conv1 (--ratio_type fix: plain KD)"
 
@@ -82,24 +97,89 @@ class ASD(Defense):
         g.add_argument("--hook_layers", default=",".join(DEFAULT_LAYERS),
                        help="comma-separated module names or globs whose outputs ASL compares "
                             "(the default matches conv1 of every residual block: 8 layers)")
+        g.add_argument("--shift", default="all", choices=["all", "dormant"],
+                       help="all: ASL on every channel of the hooked layers (the paper); dormant: only on the "
+                            "--shift_fraction of each layer's channels the teacher leaves least active on the clean "
+                            "defense images (mean ReLU'd batch-norm output: Fine-Pruning's backdoor channels)")
+        g.add_argument("--shift_fraction", type=float, default=0.1,
+                       help="with --shift dormant: the share of each hooked layer's channels shifted (at least one)")
+        g.add_argument("--shift_epochs", type=int, default=10,
+                       help="scheduler: epochs of the lambda = 0 phase (the paper: 10); the rest of the schedule "
+                            "and the x10 -> x20 step move with it")
+        g.add_argument("--shift_kd", type=float, default=0.0,
+                       help="scheduler: the lowest lambda, a KD weight kept while ASL shifts (the paper: 0, ASL alone)")
+        g.add_argument("--shift_grad", default="all", choices=["all", "local"],
+                       help="all: ASL's gradient reaches every layer before a hooked one (the paper); local: only "
+                            "the hooked convolution's own weights (of the --shift channels): a neuron is shifted, "
+                            "not the network that feeds it")
+        g.add_argument("--asl_scale", type=float, default=1.0, help="multiplies ASL's weight (a gentler shift below 1)")
+        g.add_argument("--clip_grad", type=float, default=0.0,
+                       help="clip each step's gradient to this total L2 norm (0: off); ASL's gradient grows as "
+                            "1/|s| (SPEC section 11)")
+        g.add_argument("--freeze_bn", default="never", choices=["never", "shift", "always"],
+                       help="batch-norm layers of the student in eval mode (running statistics frozen and used): "
+                            "never, during the lambda = 0 epochs (shift), or always")
 
     def stages(self, student):
         a = self.args
         optimizer = self.optimizer(student.parameters())
         layers = [s.strip() for s in a.hook_layers.split(",") if s.strip()]
         self.distiller = Distiller(self.teacher, student, optimizer, layers, a.temperature, a.kd_reduction, a.eps,
-                                   self.amp, self.compile_losses, a.asl_samples)
+                                   self.amp, self.compile_losses, a.asl_samples, self.channels, a.clip_grad,
+                                   a.shift_grad == "local")
         self.hooked_layers = self.distiller.s_hooks.layers
+        bns = [m for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         weights = {}
+        sched = dict(shift_epochs=a.shift_epochs, floor=a.shift_kd) if a.ratio_type == "scheduler" else {}
 
         def begin(epoch):
-            weights["kd"], weights["asl"] = loss_weights(epoch, a.ratio_type, a.main_loss_ratio, a.new_loss_ratio)
-            return {"lambda": asd_ratio(epoch) if a.ratio_type == "scheduler" else None,
+            weights["kd"], weights["asl"] = loss_weights(epoch, a.ratio_type, a.main_loss_ratio, a.new_loss_ratio,
+                                                         asl_scale=a.asl_scale, **sched)
+            weights["freeze"] = a.freeze_bn == "always" or (a.freeze_bn == "shift" and epoch < a.shift_epochs)
+            return {"lambda": asd_ratio(epoch, **sched) if a.ratio_type == "scheduler" else None,
                     "kd_weight": weights["kd"], "asl_weight": weights["asl"]}
 
         def step(x):
+            if weights["freeze"]:  # after the engine's model.train(): per step, cheap (one flag per layer)
+                for m in bns:
+                    m.eval()
             return self.distiller.step(x, weights["kd"], weights["asl"])
         return [self.make_stage("", a.epoch, student, optimizer, step, begin, drop=self.lr_drop_enabled)]
+
+    def prepare(self, student):
+        """``--shift dormant``: choose the channels ASL shifts from the teacher's activity on the defense images."""
+        a, self.channels = self.args, None
+        if a.shift != "dormant":
+            return {}
+        from helper.diagnostics import channel_activity, least_active
+        hooked = resolve_layers(self.teacher, [s.strip() for s in a.hook_layers.split(",") if s.strip()])
+        self.channels = least_active(channel_activity(self.teacher, self.images, hooked), a.shift_fraction)
+        return {"shifted_channels": {n: c.tolist() for n, c in self.channels.items()}}
+
+    def diagnostics(self, model):
+        """The base's dead units, plus on the probe images (eval mode): the shares of ASL's four cases over the
+        channels ASL compares (``asl_states``), ASL's value there, and the L2 norms of the gradients of the KD
+        loss and of ASL, unweighted (SPEC section 11 asks for both; the epoch's weights are logged beside)."""
+        from helper.diagnostics import asl_states, eval_mode
+        d = super().diagnostics(model)
+        dist, x = self.distiller, self.probe()
+        params = [p for p in model.parameters() if p.requires_grad]
+        with eval_mode(model), torch.enable_grad():
+            dist.t_hooks.enabled = dist.s_hooks.enabled = True
+            with torch.no_grad():
+                t_logits = self.logits(self.teacher, x)
+            kd = self.kd(self.logits(model, x), t_logits)
+            t_feats, s_feats = dist.asl_features()
+            asl = dist.hooked_asl((t_feats, s_feats))
+            states = [asl_states(t_feats[n], s_feats[n]) for n in dist.s_hooks.layers]
+            d["asl_states"] = {k: sum(s[k] for s in states) / len(states) for k in states[0]}
+            d["asl_probe"] = asl.item()
+            for name, term in (("grad_kd", kd), ("grad_asl", asl)):
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True) \
+                    if params and term.requires_grad else []
+                d[name] = torch.stack([g.norm() ** 2 for g in grads if g is not None]).sum().sqrt().item() \
+                    if any(g is not None for g in grads) else 0.0
+        return d
 
     def close(self):
         if hasattr(self, "distiller"):

@@ -46,8 +46,10 @@ class Defense:
     def add_args(cls, group):
         """Add this defense's own flags to its argument group (called only when it is the chosen defense)."""
 
-    def __init__(self, args, teacher, device, amp, n_defense):
-        self.args, self.teacher, self.device, self.amp = args, teacher.eval(), device, amp
+    def __init__(self, args, teacher, device, amp, n_defense, images=None):
+        # ``images``: the defense images (uint8 N x 3 x 32 x 32 on the device, as ``image_epoch`` takes them),
+        # for a defense that looks at the data before training (ASD's --shift dormant, Fine-Pruning)
+        self.args, self.teacher, self.device, self.amp, self.images = args, teacher.eval(), device, amp, images
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.compile_losses = use_compile(device, args.compile)
@@ -59,6 +61,21 @@ class Defense:
 
     def stages(self, student):
         raise NotImplementedError
+
+    def probe(self, n=256):
+        """The first ``n`` defense images as floats, no augmentation: what ``diagnostics`` looks at."""
+        if getattr(self, "_probe", None) is None:
+            from helper.data import to_float
+            self._probe = to_float(self.images[:n])
+        return self._probe
+
+    def diagnostics(self, model):
+        """Logged per epoch under ``diag``: the share of dead channels per unit (``helper.diagnostics.dead_units``:
+        the stem and every block's bn1) on the probe images; ``{}`` without defense images."""
+        if self.images is None:
+            return {}
+        from helper.diagnostics import dead_units
+        return {"dead": dead_units(model, self.probe())}
 
     def close(self):
         """Release hooks and the like at the end of the run."""
