@@ -3,7 +3,8 @@
 A run is a command line and a folder. Running the grid again skips finished runs (a results.json without
 ``stopped``), continues interrupted ones with ``--resume``, and starts the rest; runs go to a local pool
 (``--jobs``, spread over the visible GPUs, ``--runs_per_gpu`` per GPU, one CPU thread each on a CPU) or to
-Slurm as one job array through submitit.
+Slurm as one job array through submitit. A teacher a grid needs first (``reproduce.py --attacks NAME``) is a
+``TeacherRun``: an ordinary ``adba.py --attack NAME`` run folder, skipped and resumed the same way.
 """
 import json
 import os
@@ -54,6 +55,20 @@ def arm(cell):
     return label, defense, n, tuple(flags)
 
 
+def folder_state(folder):
+    """A run folder's state: 'finished' (a readable results.json without ``stopped``), 'interrupted' (an
+    args.json otherwise: a folder to ``--resume``) or 'new'."""
+    results = os.path.join(folder, "results.json")
+    if os.path.isfile(results):
+        try:
+            with open(results) as f:
+                if not json.load(f).get("stopped"):
+                    return "finished"
+        except (ValueError, AttributeError):
+            pass
+    return "interrupted" if os.path.isfile(os.path.join(folder, "args.json")) else "new"
+
+
 @dataclass
 class Run:
     defense: str
@@ -62,25 +77,52 @@ class Run:
     folder: str
     argv: list
     label: str = None  # the arm's name; the defense's when None
+    group: str = None  # the teacher's label in a grid over attacks (reproduce.py --attacks); None for one teacher
+    log_dir: str = None  # where its log goes; None: OUT/logs
 
     @property
     def cell(self):
         return f"{self.label or self.defense}-n{self.n_defense}"
 
+    @property
+    def name(self):
+        """How the run is named in progress lines and errors: ``kd-n5000 seed 0`` (``badnets/kd-n5000 seed 0``)."""
+        return (f"{self.group}/" if self.group else "") + f"{self.cell} seed {self.seed}"
+
+    @property
+    def log_name(self):
+        return f"{self.cell}-seed{self.seed}.log"
+
     def state(self):
         """'finished', 'interrupted' (a folder to --resume) or 'new'."""
-        results = os.path.join(self.folder, "results.json")
-        if os.path.isfile(results):
-            try:
-                with open(results) as f:
-                    if not json.load(f).get("stopped"):
-                        return "finished"
-            except ValueError:
-                pass
-        return "interrupted" if os.path.isfile(os.path.join(self.folder, "args.json")) else "new"
+        return folder_state(self.folder)
 
     def command(self):
         return [sys.executable, os.path.join(ROOT, "distri.py"), *self.argv] + (
+            ["--resume"] if self.state() == "interrupted" else [])
+
+
+@dataclass
+class TeacherRun:
+    """``adba.py --attack ATTACK ARGV`` into ``folder``: a teacher a grid over attacks trains before its runs."""
+    attack: str
+    folder: str
+    argv: list  # adba.py's flags after --attack (--output_dir included)
+    log_dir: str = None
+
+    @property
+    def name(self):
+        return f"teacher {self.attack}"
+
+    @property
+    def log_name(self):
+        return f"teacher-{self.attack}.log"
+
+    def state(self):
+        return folder_state(self.folder)
+
+    def command(self):
+        return [sys.executable, os.path.join(ROOT, "adba.py"), "--attack", self.attack, *self.argv] + (
             ["--resume"] if self.state() == "interrupted" else [])
 
 
@@ -89,8 +131,9 @@ def size_flags(n_defense):
     return ["--finetune_extend", "--defense_size", str(n_defense)] if n_defense > 50000 else ["--defense_size", str(n_defense)]
 
 
-def build_grid(out_dir, cells, seeds, epochs=None, flags=()):
-    """One ``Run`` per cell (``arm``) and seed, in ``out_dir/LABEL-nN/seedS``; an arm's flags come last."""
+def build_grid(out_dir, cells, seeds, epochs=None, flags=(), group=None):
+    """One ``Run`` per cell (``arm``) and seed, in ``out_dir/LABEL-nN/seedS``; an arm's flags come last. With a
+    ``group`` (a teacher's label in a grid over attacks) the runs are named after it and log to ``out_dir/logs``."""
     runs = []
     for cell in cells:
         label, defense, n, own = arm(cell)
@@ -98,7 +141,8 @@ def build_grid(out_dir, cells, seeds, epochs=None, flags=()):
             folder = os.path.join(out_dir, f"{label}-n{n}", f"seed{seed}")
             argv = ["--defense", defense, *size_flags(n), "--seed", str(seed), "--output_dir", folder,
                     "--no_progress", *(["--epoch", str(epochs)] if epochs else []), *flags, *own]
-            runs.append(Run(defense, n, seed, folder, argv, label))
+            runs.append(Run(defense, n, seed, folder, argv, label, group,
+                            os.path.join(out_dir, "logs") if group else None))
     return runs
 
 
@@ -112,16 +156,19 @@ def run_one(command, log_path, env=None):
 
 
 def log_path(out_dir, run):
-    return os.path.join(out_dir, "logs", f"{run.cell}-seed{run.seed}.log")
+    """A run's log: in its own ``log_dir`` when it has one, else in ``out_dir/logs``."""
+    return os.path.join(run.log_dir or os.path.join(out_dir, "logs"), run.log_name)
 
 
 def run_line(run, code, seconds):
-    """One line per finished run: cell, seed, Acc, ASR, time (or why it failed)."""
+    """One line per finished run: its name (cell and seed, or the teacher), Acc, ASR where the run has one (a
+    clean teacher has none), time; or why it failed."""
     if code != 0:
-        return f"{run.cell} seed {run.seed}: FAILED (exit {code}, {seconds:.0f} s); see the log"
+        return f"{run.name}: FAILED (exit {code}, {seconds:.0f} s); see the log"
     with open(os.path.join(run.folder, "results.json")) as f:
         r = json.load(f)
-    return f"{run.cell} seed {run.seed}: acc {r['acc']:.4f}  asr {r['asr']:.4f}  ({seconds:.0f} s)"
+    asr = f"  asr {r['asr']:.4f}" if isinstance(r.get("asr"), (int, float)) else ""
+    return f"{run.name}: acc {r['acc']:.4f}{asr}  ({seconds:.0f} s)"
 
 
 def local_env(slot_gpu, threads=1):
@@ -133,7 +180,7 @@ def local_env(slot_gpu, threads=1):
     return env
 
 
-def run_local(runs, out_dir, jobs, gpus=0, runs_per_gpu=1, out=tqdm.write):
+def run_local(runs, out_dir, jobs, gpus=0, runs_per_gpu=1, out=tqdm.write, desc="grid"):
     """Run ``runs`` ``jobs`` at a time; on GPUs each takes a slot (``runs_per_gpu`` per GPU). Returns failures."""
     slots = queue.Queue()
     for i in range(jobs):
@@ -147,7 +194,7 @@ def run_local(runs, out_dir, jobs, gpus=0, runs_per_gpu=1, out=tqdm.write):
         finally:
             slots.put(gpu)
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc="grid", file=sys.stdout) as bar:
+    with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc=desc, file=sys.stdout) as bar:
         for future in as_completed([pool.submit(work, r) for r in runs]):
             run, code, seconds = future.result()
             out(run_line(run, code, seconds))

@@ -10,6 +10,9 @@ from helper.aggregate import METRICS, OPTIONAL, load_results, trimmed_summary
 from helper.runlog import atomic_write, write_json
 
 ROWS = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"), ("ra", "RA"))
+# the re-tuning attack's numbers (distri.py --retune): shown where a cell's runs all have them
+RETUNE_ROWS = (("retune_acc", "re-tuned Acc"), ("retune_asr", "re-tuned ASR"),
+               ("retune_asr_nontarget", "re-tuned ASR non-target"))
 NAMES = {"asd": "ASD", "kd": "KD", "bcu": "BCU", "nad": "NAD", "finetune": "Fine-tuning", "abd": "ABD", "clp": "CLP",
          "fineprune": "Fine-Pruning"}
 # SPEC section 7: the paper's (defense, defense images) -> (Acc, ASR); not measured here
@@ -49,10 +52,16 @@ def column(entry):
     return f"{label(entry)} {entry['n_defense']:,}"
 
 
+def retuned(cells):
+    """The re-tuning rows some cell has (``RETUNE_ROWS``); none when no run was re-tuned."""
+    return tuple((key, name) for key, name in RETUNE_ROWS if any(key in c for c in cells))
+
+
 def markdown(cells):
-    """The paper's layout: rows Acc, ASR, ASR non-target, RA; a column per defense and size; trimmed mean ± std."""
+    """The paper's layout: rows Acc, ASR, ASR non-target, RA (and the re-tuned Acc and ASR where runs had
+    ``--retune``); a column per defense and size; trimmed mean ± std."""
     lines = ["| | " + " | ".join(column(c) for c in cells) + " |", "|---|" + "---|" * len(cells)]
-    for key, label in ROWS:
+    for key, label in ROWS + retuned(cells):
         values = [f"{c[key]:.3f} ± {c[key + '_std']:.3f}" if key in c else "—" for c in cells]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     lines.append("| runs (kept) | " + " | ".join(f"{c['n_runs']} ({c['n_kept']})" for c in cells) + " |")
@@ -71,30 +80,35 @@ def versus_kd(entry, cells):
 
 def arms_markdown(cells):
     """One row per cell or arm: trimmed means ± std over all runs, the ASR over each run's last 10
-    evaluations, the cut and loss against KD, runs, epochs, teacher width, the arm's own flags."""
+    evaluations, the re-tuned Acc and ASR (columns only where some cell's runs had ``--retune``), the cut and
+    loss against KD, runs, epochs, teacher width, the arm's own flags."""
     def pm(c, key):
         return f"{c[key]:.3f} ± {c[key + '_std']:.3f}" if key in c else "—"
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.0f}%"
-    head = ["arm", "Acc", "ASR", "ASR non-target", "RA", "ASR last 10", "ASR cut vs KD", "Acc loss vs KD",
-            "runs (kept)", "epochs", "width", "flags"]
+    extra = retuned(cells)
+    head = ["arm", "Acc", "ASR", "ASR non-target", "RA", "ASR last 10", *(name for _, name in extra),
+            "ASR cut vs KD", "Acc loss vs KD", "runs (kept)", "epochs", "width", "flags"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         cut, loss = versus_kd(c, cells)
         row = [column(c), pm(c, "acc"), pm(c, "asr"), pm(c, "asr_nontarget"), pm(c, "ra"),
-               pm(c, "asr_last10_mean"), pct(cut), pct(loss), f"{c['n_runs']} ({c['n_kept']})",
-               str(c.get("epochs", "—")), str(c.get("width", "—")), " ".join(c.get("flags", ())) or "—"]
+               pm(c, "asr_last10_mean"), *(pm(c, key) for key, _ in extra), pct(cut), pct(loss),
+               f"{c['n_runs']} ({c['n_kept']})", str(c.get("epochs", "—")), str(c.get("width", "—")),
+               " ".join(c.get("flags", ())) or "—"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_table(cells, out_dir, runs=()):
-    """table.json, table.md, table.csv and tradeoff.png in ``out_dir``; ``runs`` are (defense, size, results)."""
+def write_table(cells, out_dir, runs=(), title="Acc against ASR", paper=True):
+    """table.json, table.md, table.csv and tradeoff.png in ``out_dir``; ``runs`` are (defense, size, results).
+    ``paper``: draw the paper's published points (measured on ADBA teachers) in the plot."""
     write_json(os.path.join(out_dir, "table.json"), cells)
     atomic_write(os.path.join(out_dir, "table.md"), lambda tmp: open(tmp, "w").write(markdown(cells)))
     atomic_write(os.path.join(out_dir, "table_arms.md"), lambda tmp: open(tmp, "w").write(arms_markdown(cells)))
-    keys = ["arm", "defense", "n_defense", "n_runs", "n_kept", "epochs", "width"] + [k + s for k, _ in ROWS for s in ("", "_mean", "_std")]
+    keys = ["arm", "defense", "n_defense", "n_runs", "n_kept", "epochs", "width"] + [
+        k + s for k, _ in ROWS + retuned(cells) for s in ("", "_mean", "_std")]
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
@@ -102,32 +116,98 @@ def write_table(cells, out_dir, runs=()):
             w.writeheader()
             w.writerows(cells)
     atomic_write(os.path.join(out_dir, "table.csv"), write_csv)
-    plot_tradeoff(cells, runs, os.path.join(out_dir, "tradeoff.png"))
+    plot_tradeoff(cells, runs, os.path.join(out_dir, "tradeoff.png"), title, paper)
 
 
-def plot_tradeoff(cells, runs, path, title="Acc against ASR"):
-    """Every run a small point, every cell's trimmed mean a large marker, the paper's points as open diamonds."""
+def plot_tradeoff(cells, runs, path, title="Acc against ASR", paper=True):
+    """Every run a small point, every cell's trimmed mean a large marker, the paper's points as open diamonds
+    (``paper``: when the teacher is an ADBA one, as the paper's)."""
     from helper.plot import plt, save_figure
-    fig, ax = plt.subplots(figsize=(7, 5.2))
+    many = len(cells) > 8
+    fig, ax = plt.subplots(figsize=(10, 5.6) if many else (7, 5.2))
+    palette = [f"C{i}" for i in range(10)] + [plt.get_cmap("tab20")(i) for i in range(1, 20, 2)]  # 10 strong, then light
     colours = {}
     for c in cells:
         name = c.get("arm", c["defense"])
-        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        colour = colours.setdefault(name, palette[len(colours) % len(palette)])
         mine = [r for d, n, r in runs if d == name and n == c["n_defense"]]
         ax.scatter([r["asr"] for r in mine], [r["acc"] for r in mine], s=14, color=colour, alpha=0.5)
+        for r in mine:
+            if r.get("path"):
+                ax.plot(*zip(*r["path"]), color=colour, lw=0.8, ls=":", alpha=0.8)
         marker = "o" if c["n_defense"] <= 5000 else "s"
         ax.scatter([c["asr"]], [c["acc"]], s=110, color=colour, marker=marker, edgecolor="k",
-                   label=f"{column(c)} (ours, {c['n_runs']} runs)")
-        paper = PAPER.get((c["defense"], c["n_defense"])) if name == c["defense"] else None
-        if paper:
-            ax.scatter([paper[1]], [paper[0]], s=110, marker="D", facecolor="none", edgecolor=colour, lw=1.8,
+                   label=f"{column(c)} (ours, {c['n_runs']} run{'s' if c['n_runs'] != 1 else ''})" + (", its runs' paths dotted" if any(
+                       r.get("path") for r in mine) else ""))
+        published = PAPER.get((c["defense"], c["n_defense"])) if paper and name == c["defense"] else None
+        if published:
+            ax.scatter([published[1]], [published[0]], s=110, marker="D", facecolor="none", edgecolor=colour, lw=1.8,
                        label=f"{column(c)} (the paper's)")
+    kd = [c for c in cells if c.get("arm", c["defense"]) == "kd"]
+    if kd:  # where a defense would meet the study's goal against the first KD cell (``versus_kd``)
+        ax.add_patch(plt.Rectangle((0, 0.85 * kd[0]["acc"]), 0.25 * kd[0]["asr"], 1.03 - 0.85 * kd[0]["acc"],
+                                   color="0.85", zorder=0, label="ASR cut >= 75% and Acc loss <= 15% vs KD"))
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("ASR (attack success rate; lower is better)")
     ax.set_ylabel("Acc (clean accuracy; higher is better)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- the summary over attacks (reproduce.py --attacks)
+
+SUMMARY_KEYS = ("acc", "asr", "retune_asr")  # a summary cell: Acc / ASR / re-tuned ASR
+
+
+def summary(attacks, tables):
+    """summary.json: ``attacks`` (one dict per teacher, in column order: ``label``, ``attack``, ``teacher``,
+    ``trigger_dir``, ``teacher_acc``, ``teacher_asr``, ``n_runs``) and ``rows``, one per cell or arm, each with
+    ``cells``: per attack label the trimmed means of ``SUMMARY_KEYS`` (``retune_asr`` None without ``--retune``),
+    ``n_runs`` and ``n_kept``. ``tables`` maps an attack's label to its table.json entries."""
+    rows = {}
+    for a in attacks:
+        for e in tables.get(a["label"], ()):
+            key = (e.get("arm", e["defense"]), e["n_defense"])
+            row = rows.setdefault(key, {"arm": key[0], "defense": e["defense"], "n_defense": e["n_defense"],
+                                        "name": column(e), "cells": {}})
+            row["cells"][a["label"]] = {**{k: e.get(k) for k in SUMMARY_KEYS}, "n_runs": e["n_runs"],
+                                        "n_kept": e["n_kept"]}
+    return {"attacks": list(attacks), "rows": list(rows.values())}
+
+
+def summary_markdown(s):
+    """One row per cell or arm (the teacher itself first), one column per attack; each entry
+    ``Acc / ASR / re-tuned ASR``; then a line per teacher saying where it is and whose trigger measured it."""
+    def three(acc, asr, re):
+        return " / ".join("—" if v is None else f"{v:.3f}" for v in (acc, asr, re))
+    labels = [a["label"] for a in s["attacks"]]
+    lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
+             "| teacher | " + " | ".join("—" if a.get("teacher_acc") is None else
+                                         three(a["teacher_acc"], a.get("teacher_asr"), None) for a in s["attacks"]) + " |"]
+    for row in s["rows"]:
+        cells = [row["cells"].get(label) for label in labels]
+        lines.append(f"| {row['name']} | " + " | ".join(
+            "—" if c is None else three(c["acc"], c["asr"], c["retune_asr"]) for c in cells) + " |")
+    lines += ["", "Each entry: Acc / ASR / ASR after the re-tuning attack, trimmed means over the cell's runs (— : the "
+              "runs had no --retune; a column of — : no run of that teacher finished). The teacher row is the teacher "
+              "itself on the same test images.", ""]
+    for a in s["attacks"]:
+        source = (f"; a clean teacher, its ASR measured with {a['trigger_dir']}'s trigger (the floor a defense's ASR "
+                  f"is read against)" if a.get("trigger_dir") else "")
+        n = a.get("n_runs", 0)
+        kind = f"the {a['attack']} teacher" if a.get("attack") else "the teacher"
+        lines.append(f"- {a['label']}: {kind} in {a['teacher']}, {n} run{'' if n == 1 else 's'} finished{source}")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(s, out_dir):
+    """summary.json and summary.md in ``out_dir``."""
+    write_json(os.path.join(out_dir, "summary.json"), s)
+    atomic_write(os.path.join(out_dir, "summary.md"), lambda tmp: open(tmp, "w").write(summary_markdown(s)))

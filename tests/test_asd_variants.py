@@ -154,3 +154,18 @@ def test_every_arm_of_the_study_runs_and_logs_its_diagnostics(teacher_dir, tmp_p
             assert [len(c) for c in chosen.values()] == [1, 1, 1, 1, 2, 2, 4, 4]
         args = json.load(open(os.path.join(out, "args.json")))
         assert args["defense"] == defense
+
+
+def test_the_diagnostics_table_of_a_run(teacher_dir, tmp_path, capsys):
+    from helper import diagnostics
+    out = tmp_path / "run"
+    distri.main(fast_flags(teacher_dir, out, epochs=2) + ["--no_progress", "--shift_epochs", "1"])
+    rows = read_jsonl(os.path.join(out, "log.jsonl"))
+    capsys.readouterr()
+    s = diagnostics.summary_row(rows[1])
+    d = rows[1]["diag"]
+    assert s["dead_stem"] == d["dead"]["stem"] and s["grad_ratio"] == pytest.approx(d["grad_asl"] / d["grad_kd"])
+    assert s["dead_blocks"] == pytest.approx(sum(v for k, v in d["dead"].items() if k != "stem") / 8)
+    diagnostics.main([str(out), "--epochs", "0", "-1", "5"])  # epoch 5 does not exist: left out
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[2].split("|")[2].strip() == "0" and lines[3].split("|")[2].strip() == "1"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import reproduce
-from helper.grid import PRESETS, build_grid, size_flags
+from helper.grid import PRESETS, ROOT, build_grid, size_flags
 from helper.runlog import read_jsonl
 from helper.table import cell_summary, markdown
 
@@ -95,3 +95,137 @@ def test_grid_commands():
     runs = build_grid("out", PRESETS["paper"]["cells"], range(7))
     assert len(runs) == 49 and runs[0].folder == os.path.join("out", "kd-n5000", "seed0")
     assert "--epoch" not in runs[0].argv  # the paper preset keeps each defense's own epochs (300 for KD and ASD)
+
+
+# ---------------------------------------------------------------- the attack axis (--attacks)
+
+TEACHER_FLAGS = ("--dataset synthetic --synthetic_train 128 --synthetic_test 64 --width 4 --epochs 1 --batch_size 64 "
+                 "--eval_batch_size 64 --device cpu")
+ATTACK_GRID = ["--preset", "smoke", "--defenses", "kd", "--seeds", "0", "--epochs", "1", "--jobs", "2",
+               "--attack_flags", TEACHER_FLAGS, "--retune", "--retune_images", "32", "--retune_epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def attack_grid(tmp_path_factory):
+    """badnets and none, both trained by reproduce.py; KD on each, one seed, re-tuned."""
+    out = str(tmp_path_factory.mktemp("attacks") / "grid")
+    summary = reproduce.main(["--attacks", "badnets", "none", "--output_dir", out, *ATTACK_GRID])
+    return out, summary
+
+
+def test_attacks_given_by_name_are_trained_once(attack_grid, capsys):
+    out, _ = attack_grid
+    for name in ("badnets", "none"):
+        results = json.load(open(os.path.join(out, "teachers", name, "results.json")))
+        assert results["attack"] == name and "stopped" not in results
+        assert os.path.isfile(os.path.join(out, "logs", f"teacher-{name}.log"))
+    assert os.path.isfile(os.path.join(out, "teachers", "badnets", "pattern.pt"))
+    assert not os.path.exists(os.path.join(out, "teachers", "none", "pattern.pt"))
+    teacher = os.path.join(out, "teachers", "badnets", "checkpoint.pkl")
+    before = os.path.getmtime(teacher)
+    capsys.readouterr()
+    reproduce.main(["--attacks", "badnets", "none", "--output_dir", out, *ATTACK_GRID])
+    text = capsys.readouterr().out
+    assert "to train" not in text and "2 teachers x 1 cells x 1 seeds = 2 runs; 2 finished" in text
+    assert os.path.getmtime(teacher) == before
+
+
+def test_a_clean_teacher_is_measured_with_the_first_backdoored_teachers_trigger(attack_grid):
+    out, summary = attack_grid
+    badnets = json.load(open(os.path.join(out, "badnets", "kd-n64", "seed0", "args.json")))
+    clean = json.load(open(os.path.join(out, "none", "kd-n64", "seed0", "args.json")))
+    assert badnets["read_dir"] == os.path.join(out, "teachers", "badnets") and badnets["trigger_dir"] is None
+    assert clean["read_dir"] == os.path.join(out, "teachers", "none")
+    assert clean["trigger_dir"] == os.path.join(out, "teachers", "badnets")
+    assert badnets["retune"] and clean["retune"] and clean["retune_images"] == 32
+    assert [a["trigger_dir"] for a in summary["attacks"]] == [None, os.path.join(out, "teachers", "badnets")]
+
+
+def test_each_attack_has_its_tables_and_the_summary_a_column_per_attack(attack_grid):
+    out, summary = attack_grid
+    for label in ("badnets", "none"):
+        for name in ("table.md", "table_arms.md", "table.csv", "table.json", "tradeoff.png"):
+            assert os.path.getsize(os.path.join(out, label, name)) > 0, (label, name)
+        arms = open(os.path.join(out, label, "table_arms.md")).read().splitlines()
+        assert "| re-tuned ASR |" in arms[0] and "—" not in arms[2].split("|")[8]  # the column and its number
+    lines = open(os.path.join(out, "summary.md")).read().splitlines()
+    assert lines[0] == "| | badnets | none |"
+    teacher, kd = lines[2].split(" | "), lines[3].split(" | ")
+    assert teacher[0] == "| teacher" and kd[0] == "| KD 64"
+    for label, entry in zip(("badnets", "none"), kd[1:]):
+        acc, asr, retuned = entry.strip(" |").split(" / ")
+        cell = summary["rows"][0]["cells"][label]
+        assert (acc, asr, retuned) == (f"{cell['acc']:.3f}", f"{cell['asr']:.3f}", f"{cell['retune_asr']:.3f}")
+        run = json.load(open(os.path.join(out, label, "kd-n64", "seed0", "results.json")))
+        assert cell["retune_asr"] == run["retune_asr"] and cell["acc"] == run["acc"]
+    for a, entry in zip(summary["attacks"], teacher[1:]):
+        run = json.load(open(os.path.join(out, a["label"], "kd-n64", "seed0", "results.json")))
+        assert entry.strip(" |") == f"{run['teacher_acc']:.3f} / {run['teacher_asr']:.3f} / —"
+    assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
+
+
+def test_an_interrupted_teacher_is_resumed_with_the_same_flags_only(attack_grid, capsys):
+    out, _ = attack_grid
+    results = os.path.join(out, "teachers", "none", "results.json")
+    json.dump({"stopped": "interrupted", "epochs_run": 1}, open(results, "w"))
+    changed = list(ATTACK_GRID)
+    changed[changed.index("--attack_flags") + 1] = TEACHER_FLAGS.replace("--width 4", "--width 8")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--attacks", "badnets", "none", "--output_dir", out, *changed])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--width 4 -> 8" in err
+    reproduce.main(["--attacks", "badnets", "none", "--output_dir", out, *ATTACK_GRID])
+    assert "teachers" in capsys.readouterr().out
+    assert "resumed" in open(os.path.join(out, "logs", "teacher-none.log")).read()
+    assert json.load(open(results))["attack"] == "none"
+
+
+def test_the_summary_says_so_when_runs_had_no_retune():
+    from helper.table import summary, summary_markdown
+    entry = {"defense": "kd", "arm": "kd", "n_defense": 5000, "n_runs": 3, "n_kept": 1, "acc": 0.5, "asr": 0.25}
+    attacks = [{"label": "a", "attack": "adba", "teacher": "t", "trigger_dir": None, "teacher_acc": 0.6,
+                "teacher_asr": 1.0, "n_runs": 3},
+               {"label": "b", "attack": "badnets", "teacher": "u", "trigger_dir": None, "teacher_acc": None,
+                "teacher_asr": None, "n_runs": 0}]
+    md = summary_markdown(summary(attacks, {"a": [entry]}))
+    assert "| teacher | 0.600 / 1.000 / — | — |" in md and "| KD 5,000 | 0.500 / 0.250 / — | — |" in md
+
+
+def test_teacher_labels_from_names_folders_and_their_results(tmp_path):
+    from tests.conftest import write_teacher_dir
+    bad = write_teacher_dir(tmp_path / "bad-w8")
+    json.dump({"attack": "badnets"}, open(os.path.join(bad, "results.json"), "w"))
+    old = write_teacher_dir(tmp_path / "old-adba")  # no results.json: its folder's name
+    clean = write_teacher_dir(tmp_path / "clean")
+    for name in ("pattern.pt", "mask.pt"):
+        os.remove(os.path.join(clean, name))
+    specs = reproduce.attack_specs([bad, old, f"mine={clean}", "blended"])
+    assert [(t["label"], t["attack"], t["has_trigger"]) for t in specs] == [
+        ("badnets", "badnets", True), ("old-adba", None, True), ("mine", None, False), ("blended", "blended", True)]
+    assert [t["label"] for t in reproduce.attack_specs([bad, "badnets"])] == ["bad-w8", "badnets"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attacks", "nosuch"], "--attacks nosuch: neither an attack name (adba, badnets, blended, none) nor a teacher folder"),
+    (["--attacks", "none"], "no teacher has a trigger"),
+    (["--attacks", "badnets", "badnets"], "two teachers labelled 'badnets'"),
+    (["--attacks", "badnets", "--attack_flags", "--width x"], "adba.py --attack badnets: argument --width: invalid int"),
+    (["--attacks", "badnets", "--attack_flags", "--epochs 0"], "--epochs must be at least 1"),
+    (["--attacks", "badnets", "--read_dir", "."], "not both"),
+    ([], "--read_dir DIR (one teacher) or --attacks SPEC"),
+])
+def test_a_bad_attacks_value_is_one_clear_error(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main([*argv, "--preset", "smoke", "--output_dir", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_teacher_to_train_is_an_adba_command_resumed_when_interrupted(tmp_path):
+    from helper.grid import TeacherRun
+    run = TeacherRun("blended", str(tmp_path / "t"), ["--epochs", "1", "--output_dir", str(tmp_path / "t")])
+    assert run.state() == "new" and run.command()[1:4] == [os.path.join(ROOT, "adba.py"), "--attack", "blended"]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "args.json").write_text("{}")
+    assert run.state() == "interrupted" and run.command()[-1] == "--resume"
