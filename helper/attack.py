@@ -31,7 +31,7 @@ from helper.engine import fit, optimizer_step, run_epoch
 from helper.errors import Stopped, UserError
 from helper.evaluate import EvalSet, evaluate
 from helper.losses import kd_loss
-from helper.metrics import psnr, ssim
+from helper.metrics import psnr_per_image, ssim
 from helper.plot import plot_attack_curves, plot_trigger
 from helper.interrupt import stop_on_signals
 from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
@@ -96,21 +96,23 @@ def inert_trigger_warning(asr_nontarget, stats, attack=None, vanish_psnr=50.0):
 def trigger_stats(pattern, mask, clean, vanish_psnr=50.0, chunk=1000, with_ssim=True):
     """Mask L1 (sum), max and share of pixels above 0.01; PSNR and SSIM between ``clean`` (uint8) and triggered.
 
-    PSNR and SSIM are the means over all of ``clean`` (chunked: batch means weighted by batch size);
-    PSNR is inf where the mask is all zero. ``vanished`` applies ``trigger_vanished``. ``with_ssim=False``
+    PSNR is the mean over the images the trigger changes (as ``metrics.psnr``; inf when it changes none, e.g. an
+    all-zero mask), SSIM the mean over all of ``clean`` (chunked: batch means weighted by batch size). ``vanished`` applies ``trigger_vanished``. ``with_ssim=False``
     leaves SSIM out (None): on 10,000 images it takes the CPU most of a minute, PSNR a second.
     """
     pattern, mask = pattern.detach().float(), mask.detach().float()
     stats = {"mask_l1": mask.abs().sum().item(), "mask_max": mask.max().item(),
              "mask_share": (mask > TRIGGER_PIXEL).float().mean().item()}
     total_p = total_s = 0.0
-    n = len(clean)
+    n, n_changed = len(clean), 0
     for i in range(0, n, chunk):
         x = D.to_float(clean[i:i + chunk])
         xt = apply_trigger(x, pattern.to(x.device), mask.to(x.device)).clamp_(0, 1)
-        total_p += psnr(x, xt) * len(x)
+        values = psnr_per_image(x, xt)
+        changed = values[values.isfinite()]  # pairs the trigger changes (``psnr``: identical ones are left out)
+        total_p, n_changed = total_p + changed.sum().item(), n_changed + len(changed)
         total_s += ssim(x, xt) * len(x) if with_ssim else 0.0
-    stats["psnr"] = total_p / n if n else float("nan")
+    stats["psnr"] = (total_p / n_changed if n_changed else math.inf) if n else float("nan")
     stats["ssim"] = (total_s / n if n else float("nan")) if with_ssim else None
     stats["vanished"] = trigger_vanished(stats, vanish_psnr)
     return stats

@@ -4,6 +4,8 @@ Both functions take two tensors shaped (N, C, H, W) with values in [0, 1],
 compute in float64 on the inputs' device, and return a Python float: the
 per-image score averaged over the batch.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,16 +24,23 @@ def _check(clean, triggered, min_size=1):
 
 
 def psnr(clean, triggered):
-    """Mean PSNR in dB with peak 1.
+    """Mean PSNR in dB with peak 1, over the image pairs that differ.
 
     For each image i: MSE_i = mean over (C, H, W) of (x - y)^2 and
     PSNR_i = 10 * log10(1 / MSE_i) = -10 * log10(MSE_i); the result is the
-    mean of PSNR_i over the batch. An image pair that is identical has
-    MSE_i = 0 and PSNR_i = +inf, so the batch mean is then +inf as well.
+    mean of PSNR_i over the pairs with MSE_i > 0. A pair that is identical (a
+    BadNets patch on an image whose corner is already white) has PSNR_i = +inf
+    and is left out, or every finite mean would be +inf; +inf when all are identical.
     """
+    values = psnr_per_image(clean, triggered)
+    changed = values[values.isfinite()]
+    return float(changed.mean()) if len(changed) else math.inf
+
+
+def psnr_per_image(clean, triggered):
+    """PSNR_i = -10 log10(MSE_i) of each pair (peak 1), +inf where a pair is identical: a (N,) tensor."""
     x, y = _check(clean, triggered)
-    mse = ((x - y) ** 2).flatten(1).mean(dim=1)
-    return float((-10.0 * torch.log10(mse)).mean())
+    return -10.0 * torch.log10(((x - y) ** 2).flatten(1).mean(dim=1))
 
 
 def _gaussian_window(size=11, sigma=1.5, **kw):

@@ -134,7 +134,7 @@ def plot_tradeoff(cells, runs, path, title="Acc against ASR", paper=True):
         ax.scatter([r["asr"] for r in mine], [r["acc"] for r in mine], s=14, color=colour, alpha=0.5)
         for r in mine:
             if r.get("path"):
-                ax.plot(*zip(*r["path"]), color=colour, lw=0.8, ls=":", alpha=0.8)
+                ax.plot(*zip(*r["path"]), color=colour, lw=1.3, ls=":")
         marker = "o" if c["n_defense"] <= 5000 else "s"
         ax.scatter([c["asr"]], [c["acc"]], s=110, color=colour, marker=marker, edgecolor="k",
                    label=f"{column(c)} (ours, {c['n_runs']} run{'s' if c['n_runs'] != 1 else ''})" + (", its runs' paths dotted" if any(

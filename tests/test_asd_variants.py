@@ -169,3 +169,34 @@ def test_the_diagnostics_table_of_a_run(teacher_dir, tmp_path, capsys):
     diagnostics.main([str(out), "--epochs", "0", "-1", "5"])  # epoch 5 does not exist: left out
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[2].split("|")[2].strip() == "0" and lines[3].split("|")[2].strip() == "1"
+
+
+def test_the_sign_flipped_teacher_scores_zero_on_raw_conv1_but_not_after_batch_norm():
+    """SPEC section 11: negating every block's conv1.weight, bn1.weight and bn1.running_mean keeps the function
+    and flips every hooked conv1 output, so ASL there is 0 at KD 0 with the backdoor kept; after batch-norm
+    (``--hook_layers 'layer*.*.bn1'``) the flip is no solution: bn1's outputs are the teacher's, ASL 4."""
+    teacher = resnet18(10, 4).eval()
+    with torch.no_grad():  # batch-norm statistics away from 0 and 1, as a trained model's
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.2, 0.2)
+    flipped = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for name, m in flipped.named_modules():
+            if name.startswith("layer") and name.endswith(".conv1"):
+                m.weight.neg_()
+            if name.startswith("layer") and name.endswith(".bn1"):
+                m.weight.neg_()
+                m.running_mean.neg_()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(flipped(x), teacher(x), atol=1e-5)
+    for hooks, expected in ((["layer*.*.conv1"], 0.0), (["layer*.*.bn1"], 4.0)):
+        d = Distiller(teacher, flipped.eval(), None, hooks)
+        with torch.no_grad():
+            kd, asl = d.losses(x)
+        # abs 1e-3: a conv output that is exactly 0 in both (a dead receptive field after ReLUs) scores 1, not 0
+        assert kd.item() == pytest.approx(0.0, abs=1e-6) and asl.item() == pytest.approx(expected, abs=1e-3)
+        d.close()

@@ -110,3 +110,24 @@ def test_bad_input():
         ssim(x[0], x[0])
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.rand(1, 3, 10, 16), torch.rand(1, 3, 10, 16))
+
+
+def test_psnr_leaves_out_the_pairs_a_trigger_does_not_change():
+    """A BadNets patch on an image whose corner is already white changes nothing there: that pair's PSNR is inf,
+    and a mean with it would call every BadNets trigger invisible. The mean is over the pairs that differ."""
+    x = torch.zeros(3, 3, 8, 8)
+    y = x.clone()
+    y[0] += 0.1                  # MSE 0.01: 20 dB
+    y[1, :, :4] += 0.01          # MSE 0.5 * 1e-4: 43.0103 dB
+    assert psnr(x, y) == pytest.approx((20.0 + 10 * math.log10(2e4)) / 2, abs=1e-4)  # image 2 identical: left out
+    assert psnr(x, x.clone()) == math.inf
+
+
+def test_a_badnets_trigger_on_white_corners_is_not_called_vanished():
+    from helper.attack import trigger_stats
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 29:, 29:] = 1.0
+    clean = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    clean[:2] = 255  # two all-white images: the patch changes nothing on them
+    stats = trigger_stats(torch.ones(3, 32, 32), mask, clean, with_ssim=False)
+    assert stats["psnr"] == pytest.approx(-10 * math.log10(9 / 1024), abs=1e-4) and not stats["vanished"]
