@@ -10,6 +10,7 @@ import math
 import torch
 
 from helper.data import to_float
+from helper.features import FeatureHooks
 
 
 @contextlib.contextmanager
@@ -25,35 +26,30 @@ def eval_mode(*models):
 
 
 def unit_bns(model):
-    """``{unit name: batch-norm}`` whose output goes through a ReLU by itself: the stem's ``bn1`` ("stem") and
-    the ``bn1`` of every residual block (``layer1.0`` ...). ``bn2`` is summed with the shortcut first."""
-    bns = {"stem": model.bn1} if isinstance(getattr(model, "bn1", None), torch.nn.BatchNorm2d) else {}
+    """``{unit name: module name of its batch-norm}`` for the batch-norms whose output goes through a ReLU by
+    itself: the stem's ``bn1`` ("stem") and the ``bn1`` of every residual block (``layer1.0`` ...). ``bn2`` is
+    summed with the shortcut first."""
+    bns = {"stem": "bn1"} if isinstance(getattr(model, "bn1", None), torch.nn.BatchNorm2d) else {}
     for name, module in model.named_modules():
         if name.startswith("layer") and name.endswith(".bn1") and isinstance(module, torch.nn.BatchNorm2d):
-            bns[name[:-4]] = module
+            bns[name[:-4]] = name
     return bns
 
 
-def _outputs(model, modules, x):
-    """Forward ``x``; ``{name: output of modules[name]}``."""
-    captured = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, o.detach()))
-               for n, m in modules.items()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
+def _outputs(model, names, x):
+    """Forward ``x`` without gradient; ``{module name: its output}`` (``FeatureHooks``)."""
+    with FeatureHooks(model, list(dict.fromkeys(names))) as hooks, torch.no_grad():
+        model(x)
+        return hooks.pop()
 
 
 def dead_units(model, x):
     """Share of dead channels per unit: a channel is dead when ``relu(bn(.))`` is 0 at every position of
     every image of ``x`` (float images). ``{"stem": share, "layer1.0": share, ...}``."""
+    units = unit_bns(model)
     with eval_mode(model):
-        outs = _outputs(model, unit_bns(model), x)
-    return {n: (o.amax(dim=(0, 2, 3)) <= 0).float().mean().item() for n, o in outs.items()}
+        outs = _outputs(model, units.values(), x)
+    return {u: (outs[n].amax(dim=(0, 2, 3)) <= 0).float().mean().item() for u, n in units.items()}
 
 
 def asl_states(t, s):
@@ -68,12 +64,12 @@ def asl_states(t, s):
 
 
 def activity_module(model, layer):
-    """The module whose ReLU'd output says whether the hooked ``layer``'s channels are active: the batch-norm
-    after a block's ``conv1`` (``layer1.0.conv1`` -> ``layer1.0.bn1``) when there is one, else ``layer`` itself."""
+    """The name of the module whose ReLU'd output says whether the hooked ``layer``'s channels are active: the
+    batch-norm after a block's ``conv1`` (``layer1.0.conv1`` -> ``layer1.0.bn1``) when there is one, else ``layer``."""
     modules = dict(model.named_modules())
     if layer.endswith("conv1") and isinstance(modules.get(layer[:-5] + "bn1"), torch.nn.BatchNorm2d):
-        return modules[layer[:-5] + "bn1"]
-    return modules[layer]
+        return layer[:-5] + "bn1"
+    return layer
 
 
 def channel_activity(model, images, layers, batch_size=500):
@@ -84,9 +80,9 @@ def channel_activity(model, images, layers, batch_size=500):
     sums, count = {}, 0
     with eval_mode(model):
         for i in range(0, len(images), batch_size):
-            outs = _outputs(model, modules, to_float(images[i:i + batch_size]))
-            for n, o in outs.items():
-                sums[n] = sums.get(n, 0) + o.float().clamp_min(0).mean(dim=(2, 3)).sum(0)
+            outs = _outputs(model, modules.values(), to_float(images[i:i + batch_size]))
+            for n, m in modules.items():
+                sums[n] = sums.get(n, 0) + outs[m].float().clamp_min(0).mean(dim=(2, 3)).sum(0)
             count += min(batch_size, len(images) - i)
     return {n: v / count for n, v in sums.items()}
 

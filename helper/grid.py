@@ -69,8 +69,21 @@ def folder_state(folder):
     return "interrupted" if os.path.isfile(os.path.join(folder, "args.json")) else "new"
 
 
+class FolderRun:
+    """A run of one of the package's scripts into ``self.folder`` (subclasses set ``script`` and
+    ``script_argv``): its state, and its command, continued with ``--resume`` once it was interrupted."""
+
+    def state(self):
+        """'finished', 'interrupted' (a folder to --resume) or 'new'."""
+        return folder_state(self.folder)
+
+    def command(self):
+        return [sys.executable, os.path.join(ROOT, self.script), *self.script_argv()] + (
+            ["--resume"] if self.state() == "interrupted" else [])
+
+
 @dataclass
-class Run:
+class Run(FolderRun):
     defense: str
     n_defense: int
     seed: int
@@ -93,17 +106,14 @@ class Run:
     def log_name(self):
         return f"{self.cell}-seed{self.seed}.log"
 
-    def state(self):
-        """'finished', 'interrupted' (a folder to --resume) or 'new'."""
-        return folder_state(self.folder)
+    script = "distri.py"
 
-    def command(self):
-        return [sys.executable, os.path.join(ROOT, "distri.py"), *self.argv] + (
-            ["--resume"] if self.state() == "interrupted" else [])
+    def script_argv(self):
+        return self.argv
 
 
 @dataclass
-class TeacherRun:
+class TeacherRun(FolderRun):
     """``adba.py --attack ATTACK ARGV`` into ``folder``: a teacher a grid over attacks trains before its runs."""
     attack: str
     folder: str
@@ -118,12 +128,10 @@ class TeacherRun:
     def log_name(self):
         return f"teacher-{self.attack}.log"
 
-    def state(self):
-        return folder_state(self.folder)
+    script = "adba.py"
 
-    def command(self):
-        return [sys.executable, os.path.join(ROOT, "adba.py"), "--attack", self.attack, *self.argv] + (
-            ["--resume"] if self.state() == "interrupted" else [])
+    def script_argv(self):
+        return ["--attack", self.attack, *self.argv]
 
 
 def size_flags(n_defense):
