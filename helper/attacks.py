@@ -118,8 +118,12 @@ def labelled_batches(images, labels, stamp, batch_size, generator, mem_format, p
 
 
 def clean_metrics(model, test_x, test_y, **eval_kw):
-    """``{'acc', 'top_class_share'}`` on clean test images: all a model without a trigger to test is measured by."""
+    """``{'acc', 'top_class_share'}`` on clean test images, in eval mode (as ``evaluate``): all a model without a
+    trigger to test is measured by."""
+    was_training = model.training
+    model.eval()
     pred = predict(model, test_x, **eval_kw)
+    model.train(was_training)
     n = max(len(test_y), 1)
     counts = torch.stack([(pred == test_y).sum(), torch.bincount(pred).max()]).tolist()
     return {"acc": counts[0] / n, "top_class_share": counts[1] / n}
