@@ -163,13 +163,13 @@ def plot_tradeoff(cells, runs, path, title="Acc against ASR", paper=True):
 
 # ---------------------------------------------------------------- the summary over attacks (reproduce.py --attacks)
 
-SUMMARY_KEYS = ("acc", "asr", "retune_asr")  # a summary cell: Acc / ASR / re-tuned ASR
+SUMMARY_KEYS = ("acc", "asr", "retune_acc", "retune_asr")  # a summary cell: Acc / ASR / re-tuned Acc / re-tuned ASR
 
 
 def summary(attacks, tables):
     """summary.json: ``attacks`` (one dict per teacher, in column order: ``label``, ``attack``, ``teacher``,
     ``trigger_dir``, ``teacher_acc``, ``teacher_asr``, ``n_runs``) and ``rows``, one per cell or arm, each with
-    ``cells``: per attack label the trimmed means of ``SUMMARY_KEYS`` (``retune_asr`` None without ``--retune``),
+    ``cells``: per attack label the trimmed means of ``SUMMARY_KEYS`` (the re-tuned ones None without ``--retune``),
     ``n_runs`` and ``n_kept``. ``tables`` maps an attack's label to its table.json entries."""
     rows = {}
     for a in attacks:
@@ -184,18 +184,20 @@ def summary(attacks, tables):
 
 def summary_markdown(s):
     """One row per cell or arm (the teacher itself first), one column per attack; each entry
-    ``Acc / ASR / re-tuned ASR``; then a line per teacher saying where it is and whose trigger measured it."""
-    def three(acc, asr, re):
-        return " / ".join("—" if v is None else f"{v:.3f}" for v in (acc, asr, re))
+    ``Acc / ASR / re-tuned Acc / re-tuned ASR`` (a re-tuned ASR is read with its accuracy: a student the re-tuning
+    breaks has a low one whatever its backdoor); then a line per teacher saying where it is and whose trigger
+    measured it."""
+    def entry(*values):
+        return " / ".join("—" if v is None else f"{v:.3f}" for v in values)
     labels = [a["label"] for a in s["attacks"]]
     lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels),
              "| teacher | " + " | ".join("—" if a.get("teacher_acc") is None else
-                                         three(a["teacher_acc"], a.get("teacher_asr"), None) for a in s["attacks"]) + " |"]
+                                         entry(a["teacher_acc"], a.get("teacher_asr"), None, None) for a in s["attacks"]) + " |"]
     for row in s["rows"]:
         cells = [row["cells"].get(label) for label in labels]
         lines.append(f"| {row['name']} | " + " | ".join(
-            "—" if c is None else three(c["acc"], c["asr"], c["retune_asr"]) for c in cells) + " |")
-    lines += ["", "Each entry: Acc / ASR / ASR after the re-tuning attack, trimmed means over the cell's runs (— : the "
+            "—" if c is None else entry(*(c[k] for k in SUMMARY_KEYS)) for c in cells) + " |")
+    lines += ["", "Each entry: Acc / ASR / Acc and ASR after the re-tuning attack, trimmed means over the cell's runs (— : the "
               "runs had no --retune; a column of — : no run of that teacher finished). The teacher row is the teacher "
               "itself on the same test images.", ""]
     for a in s["attacks"]:

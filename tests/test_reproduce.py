@@ -153,14 +153,16 @@ def test_each_attack_has_its_tables_and_the_summary_a_column_per_attack(attack_g
     teacher, kd = lines[2].split(" | "), lines[3].split(" | ")
     assert teacher[0] == "| teacher" and kd[0] == "| KD 64"
     for label, entry in zip(("badnets", "none"), kd[1:]):
-        acc, asr, retuned = entry.strip(" |").split(" / ")
+        acc, asr, retuned_acc, retuned_asr = entry.strip(" |").split(" / ")
         cell = summary["rows"][0]["cells"][label]
-        assert (acc, asr, retuned) == (f"{cell['acc']:.3f}", f"{cell['asr']:.3f}", f"{cell['retune_asr']:.3f}")
+        assert (acc, asr, retuned_acc, retuned_asr) == tuple(
+            f"{cell[k]:.3f}" for k in ("acc", "asr", "retune_acc", "retune_asr"))
         run = json.load(open(os.path.join(out, label, "kd-n64", "seed0", "results.json")))
-        assert cell["retune_asr"] == run["retune_asr"] and cell["acc"] == run["acc"]
+        assert cell["retune_asr"] == run["retune_asr"] and cell["retune_acc"] == run["retune_acc"]
+        assert cell["acc"] == run["acc"]
     for a, entry in zip(summary["attacks"], teacher[1:]):
         run = json.load(open(os.path.join(out, a["label"], "kd-n64", "seed0", "results.json")))
-        assert entry.strip(" |") == f"{run['teacher_acc']:.3f} / {run['teacher_asr']:.3f} / —"
+        assert entry.strip(" |") == f"{run['teacher_acc']:.3f} / {run['teacher_asr']:.3f} / — / —"
     assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
 
 
@@ -188,7 +190,7 @@ def test_the_summary_says_so_when_runs_had_no_retune():
                {"label": "b", "attack": "badnets", "teacher": "u", "trigger_dir": None, "teacher_acc": None,
                 "teacher_asr": None, "n_runs": 0}]
     md = summary_markdown(summary(attacks, {"a": [entry]}))
-    assert "| teacher | 0.600 / 1.000 / — | — |" in md and "| KD 5,000 | 0.500 / 0.250 / — | — |" in md
+    assert "| teacher | 0.600 / 1.000 / — / — | — |" in md and "| KD 5,000 | 0.500 / 0.250 / — / — | — |" in md
 
 
 def test_teacher_labels_from_names_folders_and_their_results(tmp_path):
