@@ -32,7 +32,7 @@ from helper.checkpoint import save_checkpoint
 from helper.cli import check_attack_args
 from helper.engine import fit, optimizer_step, run_epoch
 from helper.errors import Stopped, UserError
-from helper.evaluate import EvalSet, evaluate, predict
+from helper.evaluate import EvalSet, eval_mode, evaluate, predict
 from helper.interrupt import stop_on_signals
 from helper.plot import plot_attack_curves, plot_trigger
 from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
@@ -120,10 +120,8 @@ def labelled_batches(images, labels, stamp, batch_size, generator, mem_format, p
 def clean_metrics(model, test_x, test_y, **eval_kw):
     """``{'acc', 'top_class_share'}`` on clean test images, in eval mode (as ``evaluate``): all a model without a
     trigger to test is measured by."""
-    was_training = model.training
-    model.eval()
-    pred = predict(model, test_x, **eval_kw)
-    model.train(was_training)
+    with eval_mode(model):
+        pred = predict(model, test_x, **eval_kw)
     n = max(len(test_y), 1)
     counts = torch.stack([(pred == test_y).sum(), torch.bincount(pred).max()]).tolist()
     return {"acc": counts[0] / n, "top_class_share": counts[1] / n}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from helper.attack import TRIGGER_PIXEL
 from helper.data import to_float
+from helper.evaluate import eval_mode
 from helper.features import FeatureHooks
 from helper.losses import raw_attention_map
 from helper.runlog import write_json
@@ -67,19 +68,17 @@ def group_attention(model, images, batch_size=256, size=IMAGE_SIZE):
     through the model in eval mode and fp32; its train/eval mode is restored afterwards.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     maps = {g: [] for g in GROUPS}
     hooks = FeatureHooks(model, GROUPS)
     try:
-        for i in range(0, len(images), batch_size):
-            model(images[i:i + batch_size].to(device).float())
-            features = hooks.pop()
-            for g in GROUPS:
-                maps[g].append(upsample(attention_map(features[g]), size).cpu())
+        with eval_mode(model):
+            for i in range(0, len(images), batch_size):
+                model(images[i:i + batch_size].to(device).float())
+                features = hooks.pop()
+                for g in GROUPS:
+                    maps[g].append(upsample(attention_map(features[g]), size).cpu())
     finally:
         hooks.remove()
-        model.train(was_training)
     return {g: torch.cat(m) if m else torch.zeros(0, size, size) for g, m in maps.items()}
 
 

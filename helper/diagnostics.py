@@ -4,25 +4,13 @@ the states ASL compares, and which channels clean data leaves off.
 All functions run the model in eval mode (running batch-norm statistics: what the test-time network
 computes) and leave its train/eval mode as they found it.
 """
-import contextlib
 import math
 
 import torch
 
 from helper.data import to_float
+from helper.evaluate import eval_mode
 from helper.features import FeatureHooks
-
-
-@contextlib.contextmanager
-def eval_mode(*models):
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def unit_bns(model):

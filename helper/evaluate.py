@@ -1,4 +1,5 @@
 """Clean accuracy and attack success rate on the teacher's test set (SPEC sections 1 and 7)."""
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -6,6 +7,19 @@ import torch
 from helper.data import to_float
 from helper.system import autocast
 from helper.trigger import apply_trigger
+
+
+@contextlib.contextmanager
+def eval_mode(*models):
+    """The models in eval mode inside the block; each one's train/eval mode restored after, also on an error."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 @dataclass
@@ -51,11 +65,9 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     non-target images classified as the target: the bias an ASR is measured against (a vanished trigger
     scores ``asr_nontarget`` equal to it).
     """
-    was_training = model.training
-    model.eval()
-    clean_pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
-    trig_pred = predict(model, eval_set.triggered, batch_size, amp, memory_format)
-    model.train(was_training)
+    with eval_mode(model):
+        clean_pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
+        trig_pred = predict(model, eval_set.triggered, batch_size, amp, memory_format)
     hit = trig_pred == eval_set.target
     nontarget = eval_set.labels != eval_set.target
     top = torch.bincount(clean_pred).max() if len(clean_pred) else clean_pred.new_zeros(())

@@ -26,7 +26,7 @@ import torch
 from helper.defenses.asd import KD
 from helper.defenses.clp import PrunedKD, ZeroHold
 from helper.errors import UserError
-from helper.evaluate import predict
+from helper.evaluate import eval_mode, predict
 from helper.system import eval_batch_size
 
 
@@ -88,29 +88,28 @@ class FinePrune(PrunedKD):
         a, images = self.args, self.images
         if not 0 < a.fp_step <= 1 or not 0 <= a.fp_max_drop <= 1:
             raise UserError(f"--fp_step must be in (0, 1] and --fp_max_drop in [0, 1], not {a.fp_step}, {a.fp_max_drop}")
-        batch, was_training = eval_batch_size(self.device, a.eval_batch_size), student.training
-        student.eval()
-        order = torch.argsort(mean_activation(student, a.fp_layer, images, batch, self.amp), stable=True)
-        weights = readers(student, a.fp_layer)
-        originals = [w.detach().clone() for w in weights]
-        labels = predict(self.teacher, images, batch, self.amp)
+        batch = eval_batch_size(self.device, a.eval_batch_size)
+        with eval_mode(student, self.teacher):
+            order = torch.argsort(mean_activation(student, a.fp_layer, images, batch, self.amp), stable=True)
+            weights = readers(student, a.fp_layer)
+            originals = [w.detach().clone() for w in weights]
+            labels = predict(self.teacher, images, batch, self.amp)
 
-        def masks(n):
-            off = torch.zeros(len(order), dtype=torch.bool, device=order.device)
-            off[order[:n]] = True
-            return [off.view(1, -1, *[1] * (w.dim() - 2)).expand_as(w) for w in weights]
+            def masks(n):
+                off = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+                off[order[:n]] = True
+                return [off.view(1, -1, *[1] * (w.dim() - 2)).expand_as(w) for w in weights]
 
-        @torch.no_grad()
-        def mask(n):  # the n least active channels masked, and no others
-            for w, w0, m in zip(weights, originals, masks(n)):
-                w.copy_(w0.masked_fill(m, 0.0))
+            @torch.no_grad()
+            def mask(n):  # the n least active channels masked, and no others
+                for w, w0, m in zip(weights, originals, masks(n)):
+                    w.copy_(w0.masked_fill(m, 0.0))
 
-        def agreement(n):
-            mask(n)
-            return (predict(student, images, batch, self.amp) == labels).float().mean().item()
-        n, history = prune_search(len(order), step_size(len(order), a.fp_step), agreement, a.fp_max_drop)
-        mask(n)  # undoes the refused step
+            def agreement(n):
+                mask(n)
+                return (predict(student, images, batch, self.amp) == labels).float().mean().item()
+            n, history = prune_search(len(order), step_size(len(order), a.fp_step), agreement, a.fp_max_drop)
+            mask(n)  # undoes the refused step
         self.hold = ZeroHold(list(zip(weights, masks(n))))
-        student.train(was_training)
         return {"fp_pruned": n, "fp_channels": len(order), "fp_pruned_channels": order[:n].tolist(),
                 "fp_agreement": history}
