@@ -8,7 +8,8 @@ Measured in one process, on the same synthetic images and the same random-weight
 (a) our ASD step (KD + ASL, both weights non-zero), (b) our plain-KD step, both through
 an epoch of the engine (augmentation on the device, one host sync per epoch); (c) the ASD step the public
 code's way (``helper/reference.py``: DataLoader with per-image PIL transforms and 2 workers, fp32, hooks
-on every block, masked ASL, ``.item()`` every step); (d) ``evaluate`` on a clean and a triggered test set.
+on every block, masked ASL, ``.item()`` every step); (d) ``evaluate`` on a clean and a triggered test set; (e) the step of each unlearning defense (``--defenses``:
+ibau, sau, nc) with its defaults at the same batch size, as a multiple of a KD step.
 (a) and (b) alternate over ``--rounds`` and the best round counts, so that a burst of load from another
 process on the machine does not land on one of them only.
 """
@@ -39,6 +40,9 @@ def get_args_parser():
                    help="clean test images (as many triggered ones are evaluated too); 10000 is the real test set")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference-style loop")
     g.add_argument("--no_reference", action="store_true", help="skip the reference-style loop")
+    g.add_argument("--defenses", nargs="*", default=["ibau", "sau", "nc"], metavar="NAME",
+                   help="unlearning defenses whose own step is timed beside KD's (their defaults; nc's one-off "
+                        "inversion is timed apart, per pass over its images for the 10 classes); none: --defenses with no name")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
     g = p.add_argument_group("Profile")
@@ -89,6 +93,13 @@ def main(argv=None):
     asd.close()
     kd.close()
 
+    defenses = {}
+    for dname in args.defenses:
+        img_s, prepare_s = measure(dname, lambda: P.defense_throughput(
+            dname, teacher, timed, warm, bs, fmt, amp, args.seed, ["--batch_size", str(bs), "--nc_passes", "1"]
+            if dname == "nc" else ["--batch_size", str(bs)]))
+        defenses[dname] = {"img_s": img_s, "step_over_kd": kd_img_s / img_s, "prepare_s": prepare_s}
+
     reference_img_s = None
     if not args.no_reference:
         ref_teacher, ref_student = P.models(width, device, torch.contiguous_format, args.seed)
@@ -104,7 +115,8 @@ def main(argv=None):
     result = {"device": name, "torch": torch.__version__, "width": width, "batch_size": bs,
               "asd_img_s": asd_img_s, "kd_img_s": kd_img_s, "reference_img_s": reference_img_s,
               "eval_img_s": eval_img_s, "asd_over_kd": kd_img_s / asd_img_s,
-              "speedup_vs_reference": None if reference_img_s is None else asd_img_s / reference_img_s}
+              "speedup_vs_reference": None if reference_img_s is None else asd_img_s / reference_img_s,
+              "defenses": defenses}
     rows = [("(a) ASD step, ours", asd_img_s, "asd"), ("(b) plain-KD step, ours", kd_img_s, "kd"),
             ("(c) ASD step, public-code style", reference_img_s, "reference"),
             (f"(d) evaluation, clean + triggered ({2 * args.eval_images})", eval_img_s, "eval")]
@@ -112,6 +124,9 @@ def main(argv=None):
     for label, value, key in rows:
         if value is not None:
             print(f"{label:44s} {value:10.1f}" + (f" {peak.get(key, 0):9.2f}" if peak else ""))
+    for dname, d in defenses.items():
+        print(f"{'(e) ' + dname + ' step, ours':44s} {d['img_s']:10.1f}" + (f" {peak.get(dname, 0):9.2f}" if peak else "")
+              + f"   {d['step_over_kd']:.2f} x a KD step" + (f"; its inversion {d['prepare_s']:.1f} s per pass" if dname == "nc" else ""))
     print(f"asd_over_kd (KD / ASD throughput) {result['asd_over_kd']:.3f}"
           + (f"   speedup_vs_reference {result['speedup_vs_reference']:.2f}x" if reference_img_s else ""))
     epoch_s = 5000 / asd_img_s + 2 * 10000 / eval_img_s
@@ -136,7 +151,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump({k: result[k] for k in ("device", "torch", "width", "batch_size", "asd_img_s", "kd_img_s",
                                                "reference_img_s", "eval_img_s", "asd_over_kd",
-                                               "speedup_vs_reference")}, f, indent=1)
+                                               "speedup_vs_reference", "defenses")}, f, indent=1)
     return result
 
 

@@ -56,14 +56,10 @@ def add_synthetic_args(group):
     group.add_argument("--synthetic_test", type=int, default=2000, help="images in a synthetic test split")
 
 
-def get_args_parser(add_help=True, defense="asd"):
-    """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
-    p = argparse.ArgumentParser(
-        description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
-                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune)",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    g = p.add_argument_group("Data")
+def add_data_args(parser, trigger=True):
+    """The teacher folder, the teacher's dataset and the defense images: shared by distri.py and scan.py;
+    ``trigger``: also the flags of the trigger an ASR is measured with (not scan.py's)."""
+    g = parser.add_argument_group("Data")
     g.add_argument("--read_dir", default=None,
                    help="folder with checkpoint.pkl, pattern.pt and mask.pt; when not given, read_dir at the top of distri.py")
     g.add_argument("--dataset", default="cifar10",
@@ -81,13 +77,25 @@ def get_args_parser(add_help=True, defense="asd"):
                    help="pool = train + test of the defense data (60,000 for CIFAR-100); set by distri_dsextend.py")
     g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
     g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
-    g.add_argument("--target_label", type=int, default=0, help="the backdoor's target class")
-    g.add_argument("--thresh_mask", type=float, default=None, help="mask values <= this are set to 0 before use")
-    g.add_argument("--trigger_dir", default=None,
-                   help="measure ASR (and re-tune) with the trigger (pattern.pt, mask.pt) of this teacher folder "
-                        "instead of --read_dir's own; needed for a clean teacher (adba.py --attack none), which has "
-                        "none. The run folder then holds this trigger")
+    if trigger:
+        g.add_argument("--target_label", type=int, default=0, help="the backdoor's target class")
+        g.add_argument("--thresh_mask", type=float, default=None, help="mask values <= this are set to 0 before use")
+        g.add_argument("--trigger_dir", default=None,
+                       help="measure ASR (and re-tune) with the trigger (pattern.pt, mask.pt) of this teacher folder "
+                            "instead of --read_dir's own; needed for a clean teacher (adba.py --attack none), which has "
+                            "none. The run folder then holds this trigger")
     add_synthetic_args(g)
+    return g
+
+
+def get_args_parser(add_help=True, defense="asd"):
+    """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
+    p = argparse.ArgumentParser(
+        description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
+                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc)",
+        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    add_data_args(p)
 
     g = p.add_argument_group("Model")
     g.add_argument("--width", type=int, default=None,

@@ -220,3 +220,34 @@ def plot_attention(images, row_labels, columns, path, region=None, outlined=None
     if title:
         fig.suptitle(title, fontsize=8, y=1 - 0.05 / fig_h, va="top")
     save_figure(fig, path)
+
+
+def _show(ax, img, title):
+    """One (3, H, W) image in [0, 1] on an axis without ticks."""
+    ax.imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_scan(path, triggers, summaries, target=None, true_trigger=None):
+    """scan.png: a row per trigger family, a column per class (the inverted trigger: ``p * m`` for a mask, the
+    perturbation scaled to [0, 1] around grey for a universal one) with its size and anomaly index; the named
+    target's title in red; when given (evaluation only), the true trigger's ``p * m`` in a last column."""
+    names = list(triggers)
+    n_cls = len(next(iter(triggers.values())))
+    cols = n_cls + (true_trigger is not None)
+    fig, axes = plt.subplots(len(names), cols, figsize=(1.3 * cols, 1.55 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, t in enumerate(triggers[name]):
+            t = t.detach().float().cpu().expand(3, *t.shape[-2:])
+            if name == "universal":
+                t = t / (2 * t.abs().max().clamp_min(1e-12)) + 0.5
+            s = summaries[name]
+            _show(axes[r][c], t, f"{name} {c}\n{s['size'][c]:.1f}, idx {s['anomaly_index'][c]:.1f}")
+            if c == target:
+                axes[r][c].title.set_color("red")
+        if true_trigger is not None:
+            _show(axes[r][-1], true_trigger.expand(3, *true_trigger.shape[-2:]), "true p*m\n(evaluation)")
+    fig.tight_layout()
+    save_figure(fig, path)

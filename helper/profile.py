@@ -58,6 +58,31 @@ def loop_throughput(distiller, images, warmup_images, weights, batch_size, mem_f
     return len(images) / (time.perf_counter() - start)
 
 
+def defense_throughput(name, teacher, images, warmup_images, batch_size, mem_format, amp, seed=0, flags=()):
+    """Images per second of an epoch of ``--defense name``'s own step (its defaults and ``flags``) over ``images``,
+    after an epoch over ``warmup_images``; the student is a fresh copy of ``teacher``. A defense's one-off
+    preparation (Neural Cleanse's inversion) is not in the figure: ``(images/s, seconds of prepare)``."""
+    from helper.cli import defense_parser
+    from helper.defenses import DEFENSES
+    argv = ["--defense", name, "--seed", str(seed), *flags]
+    args = defense_parser(argv).parse_args(argv)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    defense = DEFENSES[name](args, teacher, images.device, amp, len(images), images)
+    start = time.perf_counter()
+    defense.prepare(student)
+    prepare_s = time.perf_counter() - start
+    step = defense.stages(student)[0].step
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    student.train()
+    image_epoch(step, warmup_images, batch_size, generator, mem_format, False)
+    sync(images.device)
+    start = time.perf_counter()
+    image_epoch(step, images, batch_size, generator, mem_format, False)
+    sync(images.device)
+    defense.close()
+    return len(images) / (time.perf_counter() - start), prepare_s
+
+
 def reference_throughput(step, images, warmup_steps, steps, batch_size, device, num_workers=2, seed=0):
     """Images per second of the public-code-style step fed by its DataLoader (workers already started)."""
     loader = iter(reference_loader(images, batch_size, num_workers, seed))

@@ -10,7 +10,7 @@ import torch
 import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = {"device", "torch", "width", "batch_size", "asd_img_s", "kd_img_s", "reference_img_s", "eval_img_s",
+KEYS = {"defenses", "device", "torch", "width", "batch_size", "asd_img_s", "kd_img_s", "reference_img_s", "eval_img_s",
         "asd_over_kd", "speedup_vs_reference"}
 TINY = ["--device", "cpu", "--width", "4", "--batch_size", "16", "--steps", "2", "--warmup", "1",
         "--rounds", "1", "--eval_images", "64"]
@@ -32,11 +32,15 @@ def test_bench_cli_writes_the_json(tmp_path):
     # (a rounded ratio of a slow, busy machine did not: issue 15); no timing is compared with anything
     assert result["asd_over_kd"] == pytest.approx(result["kd_img_s"] / result["asd_img_s"], rel=1e-12)
     assert result["speedup_vs_reference"] == pytest.approx(result["asd_img_s"] / result["reference_img_s"], rel=1e-12)
+    assert set(result["defenses"]) == {"ibau", "sau", "nc"}
+    for d in result["defenses"].values():
+        assert d["img_s"] > 0 and d["step_over_kd"] == pytest.approx(result["kd_img_s"] / d["img_s"], rel=1e-12)
+    assert "(e) sau step, ours" in proc.stdout
 
 
 def test_bench_without_reference_and_with_profile(capsys):
-    result = bench.main(TINY + ["--no_reference", "--profile", "--profile_images", "48", "--profile_eval_images", "64", "--workers", "0"])
-    assert result["reference_img_s"] is None and result["speedup_vs_reference"] is None
+    result = bench.main(TINY + ["--defenses", "--no_reference", "--profile", "--profile_images", "48", "--profile_eval_images", "64", "--workers", "0"])
+    assert result["reference_img_s"] is None and result["speedup_vs_reference"] is None and result["defenses"] == {}
     phases = result["profile_s"]
     assert set(phases) == {"data", "teacher_forward", "student_forward", "kd_loss", "asl", "backward",
                            "optimizer", "evaluation"}

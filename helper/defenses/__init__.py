@@ -5,6 +5,9 @@ from helper.defenses.bcu import BCU
 from helper.defenses.clp import CLP
 from helper.defenses.finetune import FineTune
 from helper.defenses.fineprune import FinePrune
+from helper.defenses.ibau import IBAU
 from helper.defenses.nad import NAD
+from helper.defenses.nc import NC
+from helper.defenses.sau import SAU
 
-DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune)}
+DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune, IBAU, SAU, NC)}

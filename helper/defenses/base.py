@@ -82,10 +82,11 @@ class Defense:
 
     # ---------------------------------------------------------------- helpers for subclasses
 
-    def logits(self, model, x):
-        """The model's logits under the run's autocast (no gradient if it is the frozen teacher)."""
+    def logits(self, model, x, input_grad=False):
+        """The model's logits under the run's autocast (no gradient if it is the frozen teacher, unless
+        ``input_grad``: a perturbation search differentiates the teacher's answer with respect to its input)."""
         with autocast(x.device, self.amp):
-            if model is self.teacher:
+            if model is self.teacher and not input_grad:
                 with torch.no_grad():
                     return model(x)
             return model(x)

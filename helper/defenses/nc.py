@@ -1,0 +1,115 @@
+"""Neural Cleanse (S&P 2019) as a KD defense: invert a trigger per class, flag the anomalous class, and distil
+with its inverted trigger stamped on part of every batch and the teacher's clean answer as the target.
+
+1. Before training, for every class, the smallest trigger of the package's family ``x (1 - m) + p m``
+   (``m`` in [0, ``--nc_mask_max``], size ``||m||_1``) that sends ``--nc_success`` of the first ``--nc_images``
+   defense images (unaugmented) to that class, on the teacher (``helper.perturb.minimal_trigger``: Adam 0.1,
+   betas 0.5/0.9, cost 1e-3 adapted x2 up and /2^1.5 down, as its code; ``--nc_passes`` passes, patience 2).
+2. Neural Cleanse's MAD anomaly index over the classes' mask norms; a class below the median with an index
+   above ``--nc_threshold`` (2) is flagged, the smallest first. When none is, the run says so and is plain KD.
+3. KD in which ``--nc_share`` (0.2, its ``unlearning_ratio``) of every batch carries the flagged class's
+   trigger, while the target stays the teacher's answer on the clean image:
+   ``KD(s(x'), t(x))``. With ``--nc_every E`` the flagged class's trigger is inverted again on the student
+   every E epochs (warm-started), to follow what the student still reacts to.
+
+Defaults otherwise the fine-tuning recipe of its unlearning (SGD 0.01, momentum 0.9, weight decay 5e-4,
+cosine); ``--nc_passes`` 30 over 500 images (NC: 80 epochs over 5% of the training set) keeps the 10
+inversions at a few KD epochs' cost (README).
+"""
+import torch
+from tqdm import tqdm
+
+from helper.data import to_float
+from helper.defenses.base import Defense
+from helper.engine import optimizer_step
+from helper.evaluate import eval_mode
+from helper.perturb import MaskPattern, anomaly_index, effect, flagged_classes, invert_all, minimal_trigger
+
+
+def stamp_share(x, share, family, params):
+    """The batch with ``family``'s trigger on its first ``round(share * len(x))`` images (the batch order is
+    already random)."""
+    k = int(round(share * len(x)))
+    if k == 0 or params is None:
+        return x
+    return torch.cat([family.apply(x[:k], params), x[k:]])
+
+
+def add_inversion_args(g, success=0.98):
+    """The inversion's flags, shared by ``--defense nc`` and ``scan.py``."""
+    g.add_argument("--nc_images", type=int, default=500, help="defense images the inversion runs on (unaugmented)")
+    g.add_argument("--nc_passes", type=int, default=30, help="passes over them per class")
+    g.add_argument("--nc_batch", type=int, default=100, help="batch size of the inversion")
+    g.add_argument("--nc_success", type=float, default=success,
+                   help="share of the images a trigger must send to its class to count")
+    g.add_argument("--nc_mask_max", type=float, default=1.0, help="largest mask value of the inverted trigger")
+    g.add_argument("--nc_threshold", type=float, default=2.0, help="anomaly index above which a class is flagged")
+
+
+def inversion_kw(a):
+    return dict(passes=a.nc_passes, batch_size=a.nc_batch, success=a.nc_success)
+
+
+class NC(Defense):
+    name = "nc"
+    help = ("Neural Cleanse during KD: invert a trigger per class, flag the anomalous class (MAD > 2), distil with "
+            "its trigger stamped on part of each batch and the teacher's clean answer as the target")
+    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_drop": "off"}
+
+    @classmethod
+    def add_args(cls, g):
+        add_inversion_args(g)
+        g.add_argument("--nc_share", type=float, default=0.2, help="share of every batch that carries the trigger")
+        g.add_argument("--nc_every", type=int, default=0,
+                       help="invert the flagged class's trigger again on the student every this many epochs (0: never)")
+
+    def prepare(self, student):
+        a = self.args
+        self.family = MaskPattern(a.nc_mask_max)
+        self.inv_images = to_float(self.images[:a.nc_images])
+        with eval_mode(self.teacher):
+            found = invert_all(lambda z: self.logits(self.teacher, z, input_grad=True), self.inv_images, self.family,
+                               range(self.teacher.num_classes), **inversion_kw(a))
+        norms = [f.size for f in found]
+        index, median, mad = anomaly_index(norms)
+        flagged = flagged_classes(norms, a.nc_threshold)
+        self.flagged = flagged[0] if flagged else None
+        self.params = found[self.flagged].params if flagged else None
+        tqdm.write("nc: mask L1 per class " + " ".join(f"{n:.1f}" for n in norms) + "; "
+                   + (f"class {self.flagged} flagged (anomaly index {float(index[self.flagged]):.2f})" if flagged
+                      else f"no class flagged (largest anomaly index {float(index.max()):.2f}): the run is plain KD"))
+        return {"nc": {"mask_l1": norms, "success": [f.success for f in found], "reached": [f.reached for f in found],
+                       "anomaly_index": index.tolist(), "median": median, "mad": mad, "flagged": flagged,
+                       "unlearned_class": self.flagged}}
+
+    def stages(self, student):
+        a = self.args
+        optimizer = self.optimizer(student.parameters())
+
+        def begin(epoch):
+            if self.params is not None and a.nc_every and epoch and epoch % a.nc_every == 0:
+                with eval_mode(student):
+                    self.params = minimal_trigger(lambda z: self.logits(student, z), self.inv_images, self.flagged,
+                                                  self.family, params=self.params, **inversion_kw(a)).params
+            return {}
+
+        def step(x):
+            t = self.logits(self.teacher, x)
+            s = self.logits(student, stamp_share(x, a.nc_share, self.family, self.params))
+            kd = self.kd(s, t)
+            optimizer_step(optimizer, kd)
+            return {"kd_loss": kd.detach()}
+        return [self.make_stage("", a.epoch, student, optimizer, step, begin)]
+
+    def diagnostics(self, model):
+        """The base's dead units, and what the unlearned trigger does on the probe images to each model."""
+        d = super().diagnostics(model)
+        if self.images is None or self.params is None:
+            return d
+        x = self.probe()
+        with eval_mode(model), torch.no_grad():
+            xp = self.family.apply(x, self.params)
+            m, _ = self.family.trigger(self.params)
+            d["adv"] = {"teacher": effect(self.teacher, x, xp), "student": effect(model, x, xp),
+                        "mask_l1": float(m.sum())}
+        return d
