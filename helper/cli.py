@@ -22,9 +22,10 @@ def add_system_args(parser):
     g = parser.add_argument_group("System")
     g.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seeds the subset, the augmentation and any fresh weights")
-    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
                    help="autocast precision of the forward passes; auto = bf16 on CUDA, fp32 on CPU. "
-                        "Losses are always computed in fp32")
+                        "Losses are always computed in fp32. No fp16: its gradients need a GradScaler, "
+                        "which the engine does not have, and bf16 needs none")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="fuse the losses with torch.compile (falls back to eager with a warning if compiling fails); "
                         "auto = on for CUDA, off on the CPU (slow to start there); --compile alone = on")
@@ -34,13 +35,16 @@ def add_system_args(parser):
     return g
 
 
-def add_output_args(parser):
-    """Where a run writes and how it reports: shared by the defense and the attack."""
+def add_output_args(parser, resumable=True):
+    """Where a run writes and how it reports: shared by the defense, the attack and (``resumable`` False: no
+    ``--resume``) the scan."""
     g = parser.add_argument_group("Output")
     g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
                                                      "a folder that already holds files is refused")
     g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
     g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+    if not resumable:
+        return g
     g.add_argument("--resume", action="store_true",
                    help="continue the stopped run in --output_dir from its last completed epoch (last.pt); "
                         "the other arguments must be those it was started with")

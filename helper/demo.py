@@ -1,12 +1,14 @@
-"""``python distri.py --demo``: the whole story offline on synthetic data — attack, plain KD, ASD — in one folder.
+"""``python distri.py --demo``: the whole story offline on synthetic data — attack, plain KD, ASD, an unlearning
+defense — in one folder.
 
 1. adba.py's attack trains a small ADBA teacher on the synthetic 10-class task (``synthetic_split('task')``);
-2. distri.py distils it twice on out-of-distribution synthetic images (``synthetic_split('ood')``: 100 other
-   prototypes, finer gratings, every image a mixture of two), once with plain KD (``--ratio_type fix``) and
-   once with ASD (``--ratio_type scheduler``), both starting from the teacher's weights;
-3. one table: Acc, ASR and ASR non-target of teacher, KD student and ASD student on the task's test set.
+2. distri.py distils it on out-of-distribution synthetic images (``synthetic_split('ood')``: 100 other
+   prototypes, finer gratings, every image a mixture of two) with each of ``STUDENTS``: plain KD
+   (``--ratio_type fix``), ASD (``--ratio_type scheduler``) and adversarial unlearning (``--defense ibau``),
+   all starting from the teacher's weights;
+3. one table: Acc, ASR and ASR non-target of the teacher and each student on the task's test set.
 
-Nothing here is a second copy of the attack or the defense: the three runs are ``helper.attack.run`` and
+Nothing here is a second copy of the attack or the defense: the runs are ``helper.attack.run`` and
 ``helper.distill.run`` called with their own parsers' arguments, so each sub-folder is an ordinary run
 folder (args.json, log.jsonl, curves.png, ...). The sizes below are chosen for a 2-core CPU.
 """
@@ -50,12 +52,20 @@ def _attack_argv(args, out_dir, d):
             "--output_dir", out_dir, "--no_progress"] + _eval_batch_argv(args)
 
 
-def _distill_argv(args, teacher_dir, out_dir, ratio_type, d):
+# The demo's distillations: (name, folder, distri.py flags). KD and ASD at the demo's lr (``distill_lr``); the
+# unlearning defense with its own defaults (helper/defenses/ibau.py).
+STUDENTS = (("KD", "kd", ["--defense", "asd", "--ratio_type", "fix"]),
+            ("ASD", "asd", ["--defense", "asd", "--ratio_type", "scheduler"]),
+            ("I-BAU", "ibau", ["--defense", "ibau"]))
+
+
+def _distill_argv(args, teacher_dir, out_dir, flags, d):
     # synthetic_train sizes the defense pool (the 'ood' train split), synthetic_test the task's test split
+    lr = ["--opt_lr", str(d["distill_lr"])] if "asd" in flags else []
     return ["--read_dir", teacher_dir, "--dataset", "synthetic", "--finetunedata", "synthetic",
             "--synthetic_seed", str(args.synthetic_seed), "--synthetic_train", str(d["n_defense"]),
-            "--synthetic_test", str(d["n_test"]), "--subset_rate", "1.0", "--ratio_type", ratio_type,
-            "--epoch", str(d["distill_epochs"]), "--opt_lr", str(d["distill_lr"]), "--select_from", str(d["select_from"]),
+            "--synthetic_test", str(d["n_test"]), "--subset_rate", "1.0", *flags,
+            "--epoch", str(d["distill_epochs"]), *lr, "--select_from", str(d["select_from"]),
             "--target_label", str(args.target_label), "--seed", str(args.seed), "--device", args.device,
             "--amp", args.amp, "--output_dir", out_dir, "--no_progress"] + _eval_batch_argv(args)
 
@@ -68,10 +78,10 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def plot_demo(table, kd_rows, asd_rows, path):
-    """A bar chart of the table and the Acc/ASR curves of the two distillations; saved as PNG."""
+def plot_demo(table, curves, path):
+    """A bar chart of the table and the Acc/ASR curves of each distillation (``curves``: (name, log rows)); PNG."""
     from helper.plot import plt, save_figure  # matplotlib with the Agg backend
-    fig, (ax_bar, ax_kd, ax_asd) = plt.subplots(1, 3, figsize=(16, 4))
+    fig, (ax_bar, *ax_curves) = plt.subplots(1, 1 + len(curves), figsize=(5.3 * (1 + len(curves)), 4))
     keys = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"))
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
@@ -80,7 +90,7 @@ def plot_demo(table, kd_rows, asd_rows, path):
     ax_bar.set_ylim(0, 1.05)
     ax_bar.legend(fontsize=8)
     ax_bar.set_title("synthetic task test set")
-    for ax, rows, title in ((ax_kd, kd_rows, "plain KD"), (ax_asd, asd_rows, "ASD")):
+    for ax, (title, rows) in zip(ax_curves, curves):
         epochs = [r["epoch"] for r in rows]
         for key, label in keys:
             ax.plot(epochs, [r[key] for r in rows], label=label)
@@ -102,34 +112,36 @@ def run_demo(args, sizes=None, out=print):
     start = time.time()
     out_dir = make_run_dir(args.output_dir, name="demo" + (f"-{args.msg}" if args.msg else ""))
     out(f"demo folder: {out_dir}")
-    teacher_dir, kd_dir, asd_dir = (os.path.join(out_dir, n) for n in ("teacher", "kd", "asd"))
+    teacher_dir = os.path.join(out_dir, "teacher")
+    folders = {name: os.path.join(out_dir, folder) for name, folder, _ in STUDENTS}
+    n_steps = 1 + len(STUDENTS)
 
-    out(f"\n== 1/3 ADBA teacher: width {d['width']}, {d['n_train']} synthetic images, "
+    out(f"\n== 1/{n_steps} ADBA teacher: width {d['width']}, {d['n_train']} synthetic images, "
         f"{d['attack_epochs']} + {d['consolidation_epochs']} epochs ==")
     t0 = time.time()
     teacher = attack.run(get_attack_parser().parse_args(_attack_argv(args, teacher_dir, d)), out=out)
     times = {"attack_s": round(time.time() - t0, 1)}
 
     results = {}
-    for step, (name, ratio_type, folder) in enumerate((("KD", "fix", kd_dir), ("ASD", "scheduler", asd_dir)), 2):
-        out(f"\n== {step}/3 {name}: {d['n_defense']} out-of-distribution images, {d['distill_epochs']} epochs ==")
+    for step, (name, _, flags) in enumerate(STUDENTS, 2):
+        out(f"\n== {step}/{n_steps} {name}: {d['n_defense']} out-of-distribution images, {d['distill_epochs']} epochs ==")
         t0 = time.time()
-        argv = _distill_argv(args, teacher_dir, folder, ratio_type, d)
+        argv = _distill_argv(args, teacher_dir, folders[name], flags, d)
         results[name] = distill.run(defense_parser(argv).parse_args(argv), out=out)
-        times[f"{name.lower()}_s"] = round(time.time() - t0, 1)
+        times[f"{name.lower().replace('-', '')}_s"] = round(time.time() - t0, 1)
     times["total_s"] = round(time.time() - start, 1)
 
-    table = [("ADBA teacher", teacher), ("KD student", results["KD"]), ("ASD student", results["ASD"])]
+    table = [("ADBA teacher", teacher)] + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
     summary = {name: {k: m[k] for k in ("acc", "asr", "asr_nontarget")} for name, m in table}
-    for name in ("KD", "ASD"):
+    for name, _, _ in STUDENTS:
         summary[f"{name} student"]["selected_epoch"] = results[name]["best_epoch"]
         summary[f"{name} student"]["final"] = results[name]["final"]
     demo = {"table": summary, "trigger": {k: teacher[k] for k in ("psnr", "ssim", "mask_l1", "mask_share",
                                                                   "trigger_vanished")},
             "teacher_target_rate_clean": teacher["target_rate_clean"], "sizes": d, "times_s": times,
-            "seed": args.seed, "folders": {"teacher": teacher_dir, "kd": kd_dir, "asd": asd_dir}}
+            "seed": args.seed, "folders": {"teacher": teacher_dir, **{f: folders[n] for n, f, _ in STUDENTS}}}
     write_json(os.path.join(out_dir, "demo_results.json"), demo)
-    plot_demo(table, read_jsonl(os.path.join(kd_dir, "log.jsonl")), read_jsonl(os.path.join(asd_dir, "log.jsonl")),
+    plot_demo(table, [(name, read_jsonl(os.path.join(folders[name], "log.jsonl"))) for name, _, _ in STUDENTS],
               os.path.join(out_dir, "demo.png"))
 
     out("\n== result (synthetic task test set; students at the epoch >= "
@@ -140,8 +152,8 @@ def run_demo(args, sizes=None, out=print):
     else:
         out(f"trigger: PSNR {teacher['psnr']:.2f} dB, SSIM {teacher['ssim']:.4f}; clean non-target test images the "
             f"teacher sends to the target anyway: {teacher['target_rate_clean']:.4f}")
-    out(f"time: attack {times['attack_s']:.0f} s, KD {times['kd_s']:.0f} s, ASD {times['asd_s']:.0f} s, "
-        f"total {times['total_s']:.0f} s")
-    out(f"written to {out_dir} (demo_results.json, demo.png; teacher/, kd/, asd/ are ordinary run folders)")
+    out("time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
+    out(f"written to {out_dir} (demo_results.json, demo.png; teacher/, "
+        + ", ".join(f"{f}/" for _, f, _ in STUDENTS) + " are ordinary run folders)")
     sys.stdout.flush()
     return demo

@@ -134,6 +134,7 @@ def run(args, out=print):
             stage.optimizer.load_state_dict(opt)
             stage.lr_drop.dropped_at = dropped
         set_rng_states(generator, last["rng"])
+        defense.restore(last.get("defense", {}))
         first_stage, first_epoch, rows = last["stage"], last["epoch"], read_jsonl(log_path)
         selection = Fit(best=last["best"], best_state=last["best_state"])
     start = time.time() - (last["elapsed"] if last else 0.0)
@@ -147,7 +148,8 @@ def run(args, out=print):
                             "optimizers": [s.optimizer.state_dict() for s in stages],
                             "lr_drops": [s.lr_drop.dropped_at for s in stages], "rng": rng_states(generator),
                             "best": fit_result.best, "best_state": fit_result.best_state,
-                            "n_rows": len(rows) + len(fit_result.rows), "elapsed": time.time() - start})
+                            "n_rows": len(rows) + len(fit_result.rows), "elapsed": time.time() - start,
+                            "defense": defense.state()})
 
     try:
         with stop_on_signals():

@@ -43,14 +43,14 @@ def scan_parser():
     g = p.add_argument_group("Model")
     g.add_argument("--width", type=int, default=None, help="ResNet18 base width; default: read from the checkpoint")
     g = p.add_argument_group("Scan")
-    add_inversion_args(g, success=0.9)
+    add_inversion_args(g)
     g.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
                    help="trigger families searched: mask (x (1 - m) + p m, size ||m||_1), universal (x + delta, ||delta||_2)")
     g.add_argument("--universal_lr", type=float, default=0.01, help="Adam's lr of the universal perturbation")
     g.add_argument("--eval_target", type=int, default=None,
                    help="evaluation only, when the folder holds the trigger: the class its cosine is measured for "
                         "(default: the scan's target, else each family's smallest trigger's class)")
-    g = add_output_args(p)
+    add_output_args(p, resumable=False)
     add_system_args(p)
     return p
 
@@ -112,7 +112,7 @@ def run_scan(args, out=print):
     for p in model.parameters():
         p.requires_grad_(False)
     images = to_float(load_data(args)[2].x[:args.nc_images]).to(device)
-    out_dir = make_run_dir(args.output_dir, name="scan")
+    out_dir = make_run_dir(args.output_dir, name="scan" + (f"-{args.msg}" if args.msg else ""))
     write_json(os.path.join(out_dir, "args.json"), {**vars(args), **run_environment(device, amp)})
     out(f"scan of {args.read_dir}: {len(images)} defense images, families {', '.join(args.families)}; into {out_dir}")
     start = time.time()

@@ -31,7 +31,7 @@ def amp_dtype(device, amp="auto"):
     """The autocast dtype, or None for plain fp32: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+    return {"bf16": torch.bfloat16, "fp32": None}[amp]
 
 
 def autocast(device, dtype):

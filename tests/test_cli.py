@@ -8,12 +8,14 @@ import pytest
 
 import bench
 import reproduce
+import scan
 from helper.cli import get_args_parser, get_attack_parser
 from helper.defenses import DEFENSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARSERS = {**{f"distri.py --defense {d}": lambda d=d: get_args_parser(defense=d) for d in DEFENSES},
-           "adba.py": get_attack_parser, "bench.py": bench.get_args_parser, "reproduce.py": reproduce.get_parser}
+           "adba.py": get_attack_parser, "bench.py": bench.get_args_parser, "reproduce.py": reproduce.get_parser,
+           "scan.py": scan.scan_parser}
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))
@@ -26,7 +28,7 @@ def test_every_flag_has_help_and_the_parser_a_description(name):
                                                                    argparse.ArgumentDefaultsHelpFormatter)
 
 
-@pytest.mark.parametrize("script", ["adba.py", "distri.py", "bench.py", "reproduce.py"])
+@pytest.mark.parametrize("script", ["adba.py", "distri.py", "bench.py", "reproduce.py", "scan.py"])
 def test_help_runs_and_names_the_program(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {script} ")
@@ -42,3 +44,11 @@ def test_reproduce_refuses_a_folder_without_a_teacher(tmp_path, capsys):
         reproduce.main(["--read_dir", str(tmp_path), "--preset", "smoke", "--output_dir", str(tmp_path / "g")])
     assert e.value.code == 2 and "no checkpoint.pkl there" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_fp16_is_refused_in_one_line(capsys):
+    """fp16 autocast without a GradScaler lets small gradients underflow to 0; the choice is gone (bf16 needs none)."""
+    import distri
+    with pytest.raises(SystemExit) as e:
+        distri.main(["--amp", "fp16"])
+    assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err

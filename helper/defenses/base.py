@@ -23,6 +23,19 @@ from helper.schedule import LrDrop, cosine_lr
 from helper.system import autocast, use_compile
 
 
+# BackdoorBench's fine-tuning recipe (SGD 0.01 with the package's momentum 0.9, weight decay 5e-4, cosine): the
+# defaults of the defenses that fine-tune the student with an extra term (finetune, ibau, nc)
+FINE_TUNING = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_drop": "off"}
+
+
+def check_adversary(args):
+    """The perturbation budget of ibau and sau: one UserError naming the flags."""
+    if args.adv_steps < 1 or args.adv_radius <= 0 or args.adv_lr <= 0:
+        from helper.errors import UserError
+        raise UserError(f"--adv_steps must be >= 1 and --adv_radius, --adv_lr > 0 (got {args.adv_steps}, "
+                        f"{args.adv_radius}, {args.adv_lr})")
+
+
 @dataclass
 class Stage:
     name: str                     # "" for the student's stage, else logged in the ``stage`` column
@@ -76,6 +89,14 @@ class Defense:
             return {}
         from helper.diagnostics import dead_units
         return {"dead": dead_units(model, self.probe())}
+
+    def state(self):
+        """What the defense carries from step to step beyond the models and optimisers (ibau's delta), for
+        ``--resume``'s last.pt; ``{}`` by default."""
+        return {}
+
+    def restore(self, state):
+        """Take back what ``state()`` returned (``--resume``)."""
 
     def close(self):
         """Release hooks and the like at the end of the run."""

@@ -4,14 +4,14 @@ The public ASD code's ``CEwater`` main loss. The teacher labels the unlabelled i
 logits); the student, a copy of the teacher, is trained on those labels with SGD (lr 0.01, momentum 0.9,
 weight decay 5e-4, cosine) for 20 epochs, as NAD's fine-tuning baseline.
 """
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, FINE_TUNING
 from helper.losses import hard_label_ce
 
 
 class FineTune(Defense):
     name = "finetune"
     help = "fine-tuning: cross-entropy against the teacher's predicted labels (the public code's CEwater)"
-    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "epoch": 20, "lr_drop": "off"}
+    defaults = {**FINE_TUNING, "epoch": 20}
 
     def stages(self, student):
         optimizer = self.optimizer(student.parameters())

@@ -27,7 +27,7 @@ image by about L2 3.3; SPEC section 13), ``--adv_lr`` 0.5, ``--adv_beta`` 1.
 import torch
 import torch.nn.functional as F
 
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, FINE_TUNING, check_adversary
 from helper.engine import optimizer_step
 from helper.evaluate import eval_mode
 from helper.perturb import ascent_step, effect, input_grad, l2_norms, project, random_direction, soft_kl, stamp
@@ -49,7 +49,7 @@ class IBAU(Defense):
     name = "ibau"
     help = ("adversarial unlearning during KD: one universal perturbation climbs the student's (I-BAU) or the "
             "teacher's (ABD's self-retrospection) divergence; the student keeps the teacher's clean answer there")
-    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_drop": "off"}
+    defaults = FINE_TUNING
 
     @classmethod
     def add_args(cls, g):
@@ -66,9 +66,7 @@ class IBAU(Defense):
 
     def stages(self, student):
         a = self.args
-        if a.adv_steps < 1 or a.adv_radius <= 0 or a.adv_lr <= 0:
-            from helper.errors import UserError
-            raise UserError("--adv_steps must be >= 1, --adv_radius and --adv_lr > 0")
+        check_adversary(a)
         generator = torch.Generator().manual_seed(a.seed + 7)
         self.delta = random_direction((1, 3, 32, 32), a.adv_radius, generator, self.device)
         optimizer = self.optimizer(student.parameters())
@@ -97,6 +95,13 @@ class IBAU(Defense):
                 self.delta = project(ascent_step(self.delta, d.grad, a.adv_lr), a.adv_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}
         return [self.make_stage("", a.epoch, student, optimizer, step)]
+
+    def state(self):
+        return {"delta": self.delta.detach().cpu()}
+
+    def restore(self, state):
+        if "delta" in state:
+            self.delta = state["delta"].to(self.device)
 
     def diagnostics(self, model):
         """The base's dead units, and what delta does on the probe images to the teacher and the student

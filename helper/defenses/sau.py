@@ -19,7 +19,7 @@ cosine, batch 256, weight decay 0.
 """
 import torch
 
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, check_adversary
 from helper.engine import optimizer_step
 from helper.evaluate import eval_mode
 from helper.perturb import effect, shared_masks, shared_pgd, sau_shared_loss, stamp
@@ -42,9 +42,7 @@ class SAU(Defense):
 
     def stages(self, student):
         a = self.args
-        if a.adv_steps < 1 or a.adv_radius <= 0 or a.adv_lr <= 0:
-            from helper.errors import UserError
-            raise UserError("--adv_steps must be >= 1, --adv_radius and --adv_lr > 0")
+        check_adversary(a)
         optimizer = self.optimizer(student.parameters())
 
         def search(model, x, labels):
