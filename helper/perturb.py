@@ -114,13 +114,15 @@ def shared_adv_loss(model_pert, ref_pert, labels, masks, beta_1=0.01, beta_2=1.0
     return beta_1 * adv + beta_2 * (js * (~masks.shared)).sum() / n
 
 
-def shared_pgd(model, ref, x, labels, bound=0.2, step=0.2, steps=5, beta_1=0.01, beta_2=1.0):
+def shared_pgd(model, ref, x, labels, bound=0.2, step=0.2, steps=5, beta_1=0.01, beta_2=1.0, ref_clean=None):
     """SAU's search: per-sample ``delta`` in the L-inf ball of ``bound``, started at ``+bound`` (its ``max``
     init), ``steps`` signed steps descending ``shared_adv_loss``, each followed by the projection; stops early
     once every sample is shared. Both models as given (eval mode is the caller's); returns ``delta`` (detached).
-    ``model`` and ``ref`` are callables; no weight of either moves."""
+    ``model`` and ``ref`` are callables; no weight of either moves. ``ref_clean``: the reference's labels on
+    ``x`` when the caller has them (a forward saved)."""
     with torch.no_grad():
-        clean_model, clean_ref = model(x).argmax(1), ref(x).argmax(1)
+        clean_model = model(x).argmax(1)
+        clean_ref = ref(x).argmax(1) if ref_clean is None else ref_clean
     delta = torch.full_like(x, float(bound))
     for _ in range(steps):
         d = delta.detach().requires_grad_(True)
@@ -241,7 +243,7 @@ def minimal_trigger(model, images, target, family, passes=30, batch_size=100, su
     best = None
     labels = torch.full((len(images),), int(target), dtype=torch.long, device=device)
     for _ in range(passes):
-        hits = 0
+        hits = torch.zeros((), device=device)  # summed on the device: one host read per pass
         for i in range(0, len(images), batch_size):
             x, y = images[i:i + batch_size], labels[i:i + batch_size]
             logits = model(family.apply(x, params))
@@ -251,8 +253,8 @@ def minimal_trigger(model, images, target, family, passes=30, batch_size=100, su
             for p, g in zip(params, torch.autograd.grad(loss, params)):
                 p.grad = g
             opt.step()
-            hits += int((logits.argmax(1) == y).sum())
-        rate, size = hits / len(images), float(size.detach())
+            hits += (logits.detach().argmax(1) == y).sum()
+        rate, size = hits.item() / len(images), float(size.detach())
         if rate >= success and (best is None or size < best.size):
             best = Inverted(int(target), size, rate, True, used)
         up, down = (up + 1, 0) if rate >= success else (0, down + 1)

@@ -34,8 +34,10 @@ from helper.perturb import ascent_step, effect, input_grad, l2_norms, project, r
 
 
 def universal_unlearning_loss(kd, s_pert, t_clean, beta):
-    """``kd + beta * KL(softmax t(x) || softmax s(x + delta))``: KD on the clean batch plus the unlearning term."""
-    return kd + beta * soft_kl(t_clean, s_pert)
+    """``(kd + beta * D, D)``, ``D = KL(softmax t(x) || softmax s(x + delta))``: the student's loss, KD on the clean
+    batch plus the unlearning term, and the term alone (logged)."""
+    unlearn = soft_kl(t_clean, s_pert)
+    return kd + beta * unlearn, unlearn
 
 
 def self_retrospection_loss(t_pert, t_clean):
@@ -89,8 +91,8 @@ class IBAU(Defense):
             s_both = self.logits(student, torch.cat([x, stamp(x, d)]))
             s, s_pert = s_both[:len(x)], s_both[len(x):]
             kd = self.kd(s, t)
-            unlearn = soft_kl(t, s_pert)
-            optimizer_step(optimizer, kd + a.adv_beta * unlearn)
+            loss, unlearn = universal_unlearning_loss(kd, s_pert, t, a.adv_beta)
+            optimizer_step(optimizer, loss)
             if fused:  # the student's backward gave delta's gradient too: its last ascent step
                 self.delta = project(ascent_step(self.delta, d.grad, a.adv_lr), a.adv_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}

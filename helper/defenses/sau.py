@@ -45,9 +45,9 @@ class SAU(Defense):
         check_adversary(a)
         optimizer = self.optimizer(student.parameters())
 
-        def search(model, x, labels):
+        def search(model, x, labels):  # labels: the teacher's answers on x, SAU's label and its clean reference
             return shared_pgd(lambda z: self.logits(model, z), lambda z: self.logits(self.teacher, z, input_grad=True),
-                              x, labels, a.adv_radius, a.adv_lr, a.adv_steps, a.sau_beta1, a.sau_beta2)
+                              x, labels, a.adv_radius, a.adv_lr, a.adv_steps, a.sau_beta1, a.sau_beta2, labels)
         self.search = search
 
         def step(x):
