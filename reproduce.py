@@ -29,7 +29,7 @@ from helper.errors import UserError, exits_cleanly
 
 
 def get_parser():
-    from helper.cli import ATTACKS
+    from helper.cli import ATTACKS, eval_every_value
     from helper.defenses import DEFENSES
     from helper.grid import PRESETS
     p = argparse.ArgumentParser(description="Run a grid of defenses x defense-set sizes x seeds on one teacher (or on "
@@ -50,9 +50,10 @@ def get_parser():
                    help="run and tabulate only these cells or arms of the grid (by label: kd, asd-bn, ...), in this order")
     g.add_argument("--seeds", nargs="+", type=int, default=None, help="these seeds (default: 0 .. the preset's count - 1)")
     g.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: the preset's)")
-    g.add_argument("--eval_every", type=int, default=None,
+    g.add_argument("--eval_every", type=eval_every_value, default="auto", metavar="N|auto",
                    help="evaluate every N epochs (the selected state is always evaluated in full at the end); "
-                        "default 1 on CUDA, 5 on a CPU")
+                        "auto: each run decides on the device it runs on, 1 on CUDA, 5 on a CPU (a Slurm job on a "
+                        "GPU evaluates every epoch, whatever machine submitted it)")
     g.add_argument("--output_dir", default=None, help="the grid's folder (default: a new folder under runs/)")
     g.add_argument("--retune", action="store_true",
                    help="every run ends with the re-tuning attack (appends distri.py's --retune; its --retune_* "
@@ -264,6 +265,8 @@ def main(argv=None):
     from helper import grid as G
     from helper.runlog import make_run_dir
 
+    if args.eval_every != "auto" and args.eval_every < 1:
+        raise UserError(f"--eval_every must be at least 1 (or auto), not {args.eval_every}")
     if (args.read_dir is None) == (args.attacks is None):
         raise UserError("give the teacher: --read_dir DIR (one teacher) or --attacks SPEC [SPEC ...] (a grid per "
                         "teacher), " + ("not both" if args.attacks else "one of them"))
@@ -281,11 +284,11 @@ def main(argv=None):
                             f"clean one takes the first other teacher's); add one: adba, badnets, blended or a folder")
         flags_of_teachers = attack_flags(args.attack_flags, [t["attack"] for t in teachers if t["folder"] is None])
     seeds = args.seeds if args.seeds is not None else list(range(preset["seeds"]))
-    gpus = torch.cuda.device_count()
-    eval_every = args.eval_every or (1 if gpus else 5)
+    gpus = torch.cuda.device_count()  # this machine's, for --launcher local; each run decides --eval_every auto itself
     out_dir = args.output_dir or make_run_dir(None, name=f"grid-{args.preset}")
     os.makedirs(out_dir, exist_ok=True)
-    common = [*preset["flags"], "--eval_every", str(eval_every), *passthrough, *(["--retune"] if args.retune else [])]
+    common = [*preset["flags"], "--eval_every", str(args.eval_every), *passthrough,
+              *(["--retune"] if args.retune else [])]
     epochs = args.epochs or preset["epochs"]
     if teachers:
         return over_attacks(args, teachers, flags_of_teachers, cells, seeds, epochs, common, out_dir, gpus)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from helper import data as D
 from helper.checkpoint import save_checkpoint
-from helper.cli import check_attack_args
+from helper.cli import attack_defaults, check_attack_args
 from helper.engine import fit, optimizer_step, run_epoch
 from helper.errors import Stopped, UserError
 from helper.evaluate import EvalSet, evaluate
@@ -258,7 +258,8 @@ def run(args, out=print):
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
             "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
     try:
-        out_dir, last = open_or_resume(args, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out)
+        out_dir, last = open_or_resume(args, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out,
+                                       attack_defaults(args), device=device)
     except Finished as done:
         out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
         return done.results
@@ -287,7 +288,7 @@ def run(args, out=print):
             mask.copy_(last["mask"])
         for opt, state in zip(optimizers, last["optimizers"]):
             opt.load_state_dict(state)
-        set_rng_states(generator, last["rng"])
+        set_rng_states(generator, last["rng"], device)
         rows, next_epoch = read_jsonl(log_path), last["epoch"]
     warned = any(r.get("vanished") for r in rows)
     start = time.time() - (last["elapsed"] if last else 0.0)
@@ -316,7 +317,8 @@ def run(args, out=print):
         if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs + consolidation_epochs:
             save_last(out_dir, {"epoch": epoch + 1, "teacher": teacher.state_dict(), "shadow": shadow.state_dict(),
                                 "pattern": pattern.detach(), "mask": mask.detach(),
-                                "optimizers": [o.state_dict() for o in optimizers], "rng": rng_states(generator),
+                                "optimizers": [o.state_dict() for o in optimizers],
+                                "rng": rng_states(generator, device),
                                 "n_rows": len(rows) + len(result.rows), "elapsed": time.time() - start})
 
     def phase(name, epochs, train_epoch, with_shadow):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from helper import data as D
 from helper.attack import _fmt, load_data, trigger_stats
 from helper.checkpoint import save_checkpoint
-from helper.cli import check_attack_args
+from helper.cli import attack_defaults, check_attack_args
 from helper.engine import fit, optimizer_step, run_epoch
 from helper.errors import Stopped, UserError
 from helper.evaluate import EvalSet, eval_mode, evaluate, predict
@@ -145,7 +145,8 @@ def run(args, out=print):
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test), "num_classes": num_classes,
             "n_poisoned": len(index)}
     try:
-        out_dir, last = open_or_resume(args, args.attack + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out)
+        out_dir, last = open_or_resume(args, args.attack + (f"-{args.msg}" if args.msg else ""),
+                                       {**vars(args), **meta}, out, attack_defaults(args), device=device)
     except Finished as done:
         out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
         return done.results
@@ -169,7 +170,7 @@ def run(args, out=print):
     if last is not None:  # --resume: the model, its optimizer, the RNGs, the next epoch (the subset is redrawn the same)
         model.load_state_dict(last["teacher"])
         optimizer.load_state_dict(last["optimizer"])
-        set_rng_states(generator, last["rng"])
+        set_rng_states(generator, last["rng"], device)
         rows, next_epoch = read_jsonl(log_path), last["epoch"]
     start = time.time() - (last["elapsed"] if last else 0.0)
 
@@ -191,7 +192,7 @@ def run(args, out=print):
     def save_last_epoch(epoch, result):
         if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs:
             save_last(out_dir, {"epoch": epoch + 1, "teacher": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "rng": rng_states(generator), "n_rows": len(rows) + len(result.rows),
+                                "rng": rng_states(generator, device), "n_rows": len(rows) + len(result.rows),
                                 "elapsed": time.time() - start})
 
     with stop_on_signals():

@@ -17,6 +17,16 @@ def _rate(text):
     return value
 
 
+def eval_every_value(text):
+    """``--eval_every``: a number of epochs, or ``auto`` (``helper.system.eval_every`` decides on the run's device)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of epochs or auto, not {text!r}") from None
+
+
 def add_system_args(parser):
     """Device, precision and seed: shared by every entry point, the attack and the benchmark too."""
     g = parser.add_argument_group("System")
@@ -32,6 +42,11 @@ def add_system_args(parser):
     g.add_argument("--eval_batch_size", type=int, default=None,
                    help="batch size of evaluation under inference mode; default 2000 on CUDA, 256 on CPU "
                         "(on a 2-core CPU 256 evaluated 1.6x faster than 1000)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the same kernels every time: on CUDA cuDNN's benchmark off and its deterministic mode on, "
+                        "deterministic algorithms where torch has them (CUBLAS_WORKSPACE_CONFIG set), so a resumed "
+                        "run equals the run made straight through on a GPU too; slower. Off: cuDNN picks its fastest "
+                        "kernels")
     return g
 
 
@@ -96,7 +111,8 @@ def get_args_parser(add_help=True, defense="asd"):
     """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
     p = argparse.ArgumentParser(
         description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
-                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc)",
+                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc, "
+                    "renofeation)",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add_data_args(p)
@@ -115,9 +131,10 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
                    help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
                         "were tuned on; batchmean: the textbook per-sample KL")
-    g.add_argument("--eval_every", type=int, default=1,
+    g.add_argument("--eval_every", type=eval_every_value, default=1, metavar="N|auto",
                    help="evaluate on the test set every N epochs and at the last (selection reads the KD loss of "
-                        "every epoch; the selected state is evaluated in full at the end if its epoch was skipped)")
+                        "every epoch; the selected state is evaluated in full at the end if its epoch was skipped); "
+                        "auto: 1 on CUDA, 5 on the CPU, decided by the run on its own device (reproduce.py's default)")
     g.add_argument("--select_from", type=int, default=50,
                    help="the result is taken at the epoch >= this with the lowest mean KD loss "
                         "(over all epochs when the run is shorter)")
@@ -130,10 +147,18 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the optimiser")
     g.add_argument("--batch_size", type=int, default=128, help="defense images per step")
     g.add_argument("--epoch", "--epochs", type=int, default=300, help="training epochs (of the defense's last stage)")
-    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine"],
-                   help="none: constant lr (the --lr_drop rule aside); cosine: annealed to 0 over the epochs")
+    g.add_argument("--opt_nesterov", type=int, default=0, choices=[0, 1], help="1: Nesterov momentum (SGD)")
+    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine", "step"],
+                   help="none: constant lr (the --lr_drop rule aside); cosine: annealed to 0 over --lr_period epochs; "
+                        "step: times --lr_gamma at each of --lr_milestones")
+    g.add_argument("--lr_period", type=int, default=None,
+                   help="cosine: T_max in epochs (default: the run's --epoch; BCU's code: 100 whatever the run's length)")
+    g.add_argument("--lr_milestones", type=int, nargs="+", default=[150, 300, 600],
+                   help="step: the epochs at which the lr is multiplied by --lr_gamma (ABD's code)")
+    g.add_argument("--lr_gamma", type=float, default=0.5, help="step: the factor at each milestone")
     g.add_argument("--lr_drop", default="auto", choices=["auto", "on", "off"],
-                   help="drop the lr once the epoch's mean KD loss reaches --lr_drop_kd; auto = on for 50,000+ images")
+                   help="drop the lr to --lr_drop_to at the first epoch whose mean KD loss is at or below --lr_drop_kd "
+                        "after one above it or, for ASD, after its shift phase; auto = on for 50,000+ images")
     g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
     g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
 
@@ -182,7 +207,7 @@ def check_args(args):
     """Range checks argparse cannot express; a UserError names the flag."""
     from helper.errors import UserError
     for name in ("batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+        if getattr(args, name, None) not in (None, "auto") and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.epoch < 0:
         raise UserError(f"--epoch must be >= 0 (0: no training, the prepared student is the result), not {args.epoch}")
@@ -192,6 +217,8 @@ def check_args(args):
     for name in ("opt_lr", "lr_drop_to", "weight_decay"):
         if not getattr(args, name) >= 0:
             raise UserError(f"--{name} must be >= 0, not {getattr(args, name)}")
+    if getattr(args, "lr_period", None) is not None and args.lr_period < 1:
+        raise UserError(f"--lr_period must be at least 1, not {args.lr_period}")
     if not args.lr_drop_kd > 0:
         raise UserError(f"--lr_drop_kd must be positive, not {args.lr_drop_kd}")
     if args.thresh_mask is not None and not 0 <= args.thresh_mask < 1:
@@ -351,3 +378,9 @@ def attack_parser(argv=None):
     if pre.parse_known_args(argv)[0].attack != "adba":
         parser.set_defaults(**POISONING_DEFAULTS)
     return parser
+
+
+def attack_defaults(args):
+    """The defaults of adba.py --attack ARGS.ATTACK (what a flag newer than a resumed attack run was, in effect)."""
+    argv = ["--attack", getattr(args, "attack", "adba")]
+    return vars(attack_parser(argv).parse_args(argv))

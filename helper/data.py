@@ -235,6 +235,29 @@ def to_float(x):
     return x.float().div_(255)
 
 
+def cutmix_box(size, lam, cx, cy):
+    """CutMix's box (Yun et al. 2019, as ABD's ``rand_bbox``): side ``int(size * sqrt(1 - lam))`` centred at
+    ``(cx, cy)``, clipped to the image: ``(x1, y1, x2, y2)`` with ``x1 = clip(cx - side // 2)``, ``x2 = clip(cx + side // 2)``."""
+    side = int(size * (1.0 - lam) ** 0.5)
+    clip = lambda v: min(max(v, 0), size)  # noqa: E731
+    return clip(cx - side // 2), clip(cy - side // 2), clip(cx + side // 2), clip(cy + side // 2)
+
+
+def cutmix(x, rng, beta=0.25, prob=1.0):
+    """CutMix without labels (ABD's KD on out-of-distribution images): with probability ``prob``, one box per batch
+    (``cutmix_box`` with ``lam ~ Beta(beta, beta)`` and a uniform centre) is filled, in every image, with the same
+    box of another image of the batch (a random permutation). The teacher answers the mixed image, so no label is
+    mixed. ``rng``: a ``numpy.random.Generator`` (its state is kept for ``--resume``); returns a new tensor."""
+    if beta <= 0 or rng.random() >= prob:
+        return x
+    lam = rng.beta(beta, beta)
+    x1, y1, x2, y2 = cutmix_box(x.shape[-1], lam, int(rng.integers(x.shape[-1])), int(rng.integers(x.shape[-2])))
+    perm = torch.as_tensor(rng.permutation(len(x)), device=x.device)
+    out = x.clone()
+    out[:, :, x1:x2, y1:y2] = x[perm, :, x1:x2, y1:y2]
+    return out
+
+
 def batches(n, batch_size, generator=None, device="cpu", shuffle=True):
     """Index tensors of consecutive batches over a (seeded) permutation of ``range(n)``; the last may be short."""
     order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)

@@ -19,7 +19,7 @@ from helper.plot import plot_curves
 from helper.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
 from helper.aggregate import asr_last10
 from helper.runlog import atomic_torch_save, read_jsonl, write_json
-from helper.system import eval_batch_size, run_environment, setup
+from helper.system import eval_batch_size, eval_every, run_environment, setup
 from helper.retune import retune_results, retune_set
 from helper.teacher_dir import read_teacher, teacher_attack, write_teacher
 from models import resnet18
@@ -76,7 +76,8 @@ def parser_defaults(args):
 def run(args, out=print):
     """A whole defense run; returns the results dict (also written to results.json)."""
     check_args(args)
-    device, amp, mem_format = setup(args)
+    device, amp, mem_format = setup(args, needs_fp32=DEFENSES[args.defense].needs_fp32(args))
+    every = eval_every(device, args.eval_every)  # --eval_every auto: decided here, on the run's own device
     teacher, pattern, mask, test_split, defense_split, retune_data = load_inputs(args)
     teacher = teacher.to(device, memory_format=mem_format)
     if args.using_checkpoint:
@@ -93,9 +94,11 @@ def run(args, out=print):
 
     meta = {**run_environment(device, amp), "n_defense": len(images), "n_test": len(eval_set.labels),
             "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
-            "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from}
+            "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from,
+            "eval_every_effective": every}
     try:
-        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out, parser_defaults(args))
+        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out, parser_defaults(args),
+                                       resolved={"eval_every": every}, device=device)
     except Finished as done:
         out(f"{args.output_dir} is a finished run (results.json); nothing to resume")
         defense.close()
@@ -103,6 +106,9 @@ def run(args, out=print):
     out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['precision']}), defense {args.defense}, "
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
         + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
+    if DEFENSES[args.defense].needs_fp32(args) and amp is not None:
+        out(f"warning: --amp {args.amp}: ASL's gradient follows rounding noise in {meta['precision']} (README, "
+            f"'ASD's precision'); --amp auto computes ASD in fp32")
     if select_from != args.select_from:
         out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "
             f"the result is selected over all epochs")
@@ -132,8 +138,8 @@ def run(args, out=print):
         for stage, model, opt, dropped in zip(stages, last["models"], last["optimizers"], last["lr_drops"]):
             stage.model.load_state_dict(model)
             stage.optimizer.load_state_dict(opt)
-            stage.lr_drop.dropped_at = dropped
-        set_rng_states(generator, last["rng"])
+            stage.lr_drop.restore(dropped)
+        set_rng_states(generator, last["rng"], device)
         defense.restore(last.get("defense", {}))
         first_stage, first_epoch, rows = last["stage"], last["epoch"], read_jsonl(log_path)
         selection = Fit(best=last["best"], best_state=last["best_state"])
@@ -146,7 +152,7 @@ def run(args, out=print):
         nxt = (i, epoch + 1) if epoch + 1 < stage.epochs else (i + 1, 0)
         save_last(out_dir, {"stage": nxt[0], "epoch": nxt[1], "models": [s.model.state_dict() for s in stages],
                             "optimizers": [s.optimizer.state_dict() for s in stages],
-                            "lr_drops": [s.lr_drop.dropped_at for s in stages], "rng": rng_states(generator),
+                            "lr_drops": [s.lr_drop.state() for s in stages], "rng": rng_states(generator, device),
                             "best": fit_result.best, "best_state": fit_result.best_state,
                             "n_rows": len(rows) + len(fit_result.rows), "elapsed": time.time() - start,
                             "defense": defense.state()})
@@ -165,15 +171,17 @@ def run(args, out=print):
                     return {**means, **schedule}
 
                 def evaluate_epoch(epoch, stage=stage):
-                    full = (epoch + 1) % args.eval_every == 0 or epoch == stage.epochs - 1
-                    return {**(evaluate(stage.model, eval_set, **eval_kw) if full else {}),
-                            "conv_weight_norm": conv_weight_norm(stage.model), "diag": defense.diagnostics(stage.model),
+                    full = (epoch + 1) % every == 0 or epoch == stage.epochs - 1
+                    model = defense.evaluated_model(stage.model)  # stage.model unless the defense reports another
+                    return {**(evaluate(model, eval_set, **eval_kw) if full else {}),
+                            "conv_weight_norm": conv_weight_norm(model), "diag": defense.diagnostics(model),
                             "time_s": round(time.time() - start, 3)}
 
                 is_last = i == len(stages) - 1
                 result = fit(range(first_epoch if i == first_stage else 0, stage.epochs), train_epoch, evaluate_epoch,
                              log_path, select_key="kd_loss" if is_last else None, select_from=select_from,
-                             state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items()},
+                             state=lambda: {k: v.detach().clone()
+                                            for k, v in defense.evaluated_model(student).state_dict().items()},
                              progress=progress, desc=f"{stage.name or args.defense} epochs",
                              extra={"stage": stage.name} if stage.name else None,
                              result=selection if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
@@ -181,8 +189,8 @@ def run(args, out=print):
                 result.rows = []
                 if result.stopped == "interrupted":
                     results["stopped"] = "interrupted"
-                    _finish(out_dir, rows, results, result.best, result.best_state, student, pattern, mask, args,
-                            stages, start)
+                    _finish(out_dir, rows, results, result.best, result.best_state, defense.evaluated_model(student),
+                            pattern, mask, args, stages, start)
                     done = len([r for r in rows if "stage" not in r])
                     raise Stopped(f"interrupted by {signal.Signals(result.signum).name} with {done} of {args.epoch} "
                                   f"epochs done; what was written is kept in {out_dir}; continue with: "
@@ -207,8 +215,8 @@ def run(args, out=print):
             selected.load_state_dict(selection.best_state)
         results.update(retune_results(selected, *retune_data, pattern, mask, eval_set, args, amp, mem_format, eval_kw, out))
     write_run_attention(out_dir, teacher, student, selection.best_state, test_split, pattern, mask, args.target_label, out)
-    return _finish(out_dir, rows, results, selection.best, selection.best_state, student, pattern, mask, args, stages,
-                   start, out)
+    return _finish(out_dir, rows, results, selection.best, selection.best_state, defense.evaluated_model(student),
+                   pattern, mask, args, stages, start, out)
 
 
 def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, args, stages, start, out=None):

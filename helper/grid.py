@@ -179,28 +179,74 @@ def run_line(run, code, seconds):
     return f"{run.name}: acc {r['acc']:.4f}{asr}  ({seconds:.0f} s)"
 
 
-def local_env(slot_gpu, threads=1):
-    env = {**os.environ}
-    if slot_gpu is None:
+def visible_gpus(env=None, count=None):
+    """The GPUs this process may use, as the ids a child's ``CUDA_VISIBLE_DEVICES`` takes, in torch's order:
+    the parent's own ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, ``GPU-...`` / ``MIG-...``; like CUDA, the list
+    ends at its first entry that is neither), or when it is unset ``0 .. count - 1``. Slot i is ``cuda:i`` here,
+    and the i-th of these ids in a child: a child told ``0`` under a parent given ``2,3`` would run on GPU 0,
+    outside the parent's allocation."""
+    env = os.environ if env is None else env
+    text = env.get("CUDA_VISIBLE_DEVICES")
+    if text is None:
+        return [str(i) for i in range(count or 0)]
+    ids = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        ids.append(entry)
+    return ids[:count] if count is not None else ids
+
+
+def cpu_cores():
+    """The CPU cores this process may run on (its affinity: a Slurm allocation's, not the whole node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def local_env(gpu, threads=1, parent=None):
+    """A child's environment: the parent's (``parent``, default ``os.environ``), on GPU id ``gpu`` (a string for
+    ``CUDA_VISIBLE_DEVICES``; None: the CPU) with ``OMP_NUM_THREADS`` = ``threads``. A GPU child keeps an
+    ``OMP_NUM_THREADS`` the parent sets itself; a CPU child gets ``threads`` (one: ``--jobs`` of them share the
+    cores)."""
+    env = {**(os.environ if parent is None else parent)}
+    if gpu is None:
         env["OMP_NUM_THREADS"] = str(threads)
     else:
-        env["CUDA_VISIBLE_DEVICES"] = str(slot_gpu)
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
+def child_envs(jobs, gpus=0, runs_per_gpu=1, parent=None, cores=None):
+    """The environments of ``jobs`` concurrent children, one per slot: on GPUs ``runs_per_gpu`` consecutive slots
+    per GPU, GPU i being the i-th of the parent's visible ones (``visible_gpus``), each child with
+    max(1, cores // jobs) CPU threads; on the CPU (``gpus`` 0) one thread each."""
+    parent = os.environ if parent is None else parent
+    if not gpus:
+        return [local_env(None, 1, parent) for _ in range(jobs)]
+    ids = visible_gpus(parent, gpus)
+    ids += [str(i) for i in range(len(ids), gpus)]  # a list shorter than torch's count: never seen, but no IndexError
+    threads = max(1, (cores or cpu_cores()) // max(jobs, 1))
+    return [local_env(ids[i // max(runs_per_gpu, 1) % gpus], threads, parent) for i in range(jobs)]
+
+
 def run_local(runs, out_dir, jobs, gpus=0, runs_per_gpu=1, out=tqdm.write, desc="grid"):
-    """Run ``runs`` ``jobs`` at a time; on GPUs each takes a slot (``runs_per_gpu`` per GPU). Returns failures."""
+    """Run ``runs`` ``jobs`` at a time; on GPUs each takes a slot (``runs_per_gpu`` per GPU, ``child_envs``).
+    Returns failures."""
     slots = queue.Queue()
-    for i in range(jobs):
-        slots.put(i // max(runs_per_gpu, 1) % gpus if gpus else None)
+    for env in child_envs(jobs, gpus, runs_per_gpu):
+        slots.put(env)
     failures = []
 
     def work(run):
-        gpu = slots.get()
+        env = slots.get()
         try:
-            return run, *run_one(run.command(), log_path(out_dir, run), local_env(gpu))
+            return run, *run_one(run.command(), log_path(out_dir, run), env)
         finally:
-            slots.put(gpu)
+            slots.put(env)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(runs), desc=desc, file=sys.stdout) as bar:
         for future in as_completed([pool.submit(work, r) for r in runs]):

@@ -36,19 +36,45 @@ def loss_weights(epoch, ratio_type, main_loss_ratio=1.0, new_loss_ratio=0.0, shi
 
 
 class LrDrop:
-    """Drop the learning rate to ``to_lr`` once, after the first epoch whose mean KD loss is <= ``threshold``."""
+    """Drop the learning rate to ``to_lr`` once, at the end of the first *armed* epoch whose mean KD loss is at most
+    ``threshold`` (SPEC section 6: the lr drops "once the value of L_KD reaches 1.0").
 
-    def __init__(self, optimizer, threshold=1.0, to_lr=1e-4, enabled=True):
+    The student starts as the teacher, so its KD loss starts far below the threshold: reaching it means coming
+    back down to it. The drop is armed by an epoch whose mean KD loss was above ``threshold``, or from epoch
+    ``arm_epoch`` on (ASD: the end of its ASL-only shift phase; measured, ASD's KD loss at T 40 stayed below 1.0
+    even with a collapsed student, README). ``dropped_at`` is the epoch of the drop; a run that is never armed
+    (plain KD, whose loss stays below) keeps its lr.
+    """
+
+    def __init__(self, optimizer, threshold=1.0, to_lr=1e-4, enabled=True, arm_epoch=None):
         self.optimizer, self.threshold, self.to_lr, self.enabled = optimizer, threshold, to_lr, enabled
-        self.dropped_at = None
+        self.arm_epoch = arm_epoch
+        self.armed, self.dropped_at = False, None
 
     def step(self, epoch, kd_mean):
-        if self.enabled and self.dropped_at is None and kd_mean <= self.threshold:
+        """Record an epoch's mean KD loss; True when the lr was dropped at its end."""
+        if not self.enabled or self.dropped_at is not None:
+            return False
+        if kd_mean > self.threshold:
+            self.armed = True
+            return False
+        if self.armed or (self.arm_epoch is not None and epoch >= self.arm_epoch):
+            self.armed = True
             for group in self.optimizer.param_groups:
                 group["lr"] = self.to_lr
             self.dropped_at = epoch
             return True
         return False
+
+    def state(self):
+        """What ``--resume`` keeps: ``{"armed": bool, "dropped_at": epoch or None}``."""
+        return {"armed": self.armed, "dropped_at": self.dropped_at}
+
+    def restore(self, state):
+        """Take back ``state()``; a bare epoch-or-None (the last.pt of older versions) is a drop already done or not."""
+        if not isinstance(state, dict):
+            state = {"armed": state is not None, "dropped_at": state}
+        self.armed, self.dropped_at = bool(state["armed"]), state["dropped_at"]
 
     @property
     def lr(self):
@@ -57,8 +83,13 @@ class LrDrop:
 
 def cosine_lr(base_lr, epoch, epochs):
     """Cosine annealing per epoch (``CosineAnnealingLR`` with ``T_max = epochs``, eta_min 0):
-    ``base * (1 + cos(pi * epoch / epochs)) / 2``."""
+    ``base * (1 + cos(pi * epoch / epochs)) / 2``. Past ``epochs`` it rises again, as PyTorch's does."""
     return base_lr * (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
+
+
+def step_lr(base_lr, epoch, milestones, gamma):
+    """``MultiStepLR``: ``base * gamma ** (number of milestones <= epoch)`` (ABD: x0.5 at 150, 300 and 600)."""
+    return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
 def bcu_temperature(epoch, epochs, start=1.0, end=4.0):

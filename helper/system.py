@@ -1,5 +1,6 @@
 """Device, precision and seeding, decided once per run and passed to everything else."""
 import contextlib
+import os
 import random
 import subprocess
 import sys
@@ -27,10 +28,11 @@ def select_device(name="auto"):
     return device
 
 
-def amp_dtype(device, amp="auto"):
-    """The autocast dtype, or None for plain fp32: ``auto`` is bf16 on CUDA and fp32 on the CPU."""
+def amp_dtype(device, amp="auto", needs_fp32=False):
+    """The autocast dtype, or None for plain fp32: ``auto`` is bf16 on CUDA and fp32 on the CPU, and fp32 everywhere
+    for a run that ``needs_fp32`` (ASD: ASL reads convolution outputs far below bf16's rounding)."""
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "fp32"
+        amp = "bf16" if device.type == "cuda" and not needs_fp32 else "fp32"
     return {"bf16": torch.bfloat16, "fp32": None}[amp]
 
 
@@ -39,6 +41,21 @@ def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def tf32_off(device):
+    """Convolutions and matmuls in full fp32 on CUDA inside the block (what an ASD run sets for its whole length);
+    the TF32 flags are restored after it. Nothing to do on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def use_compile(device, choice="auto"):
@@ -80,29 +97,52 @@ def eval_batch_size(device, requested=None):
     return requested or (2000 if device.type == "cuda" else 256)
 
 
-def configure(device, seed):
-    """Seed Python, NumPy and torch; let cuDNN pick its fastest kernels."""
+def eval_every(device, requested=1):
+    """How often a run evaluates on the test set: ``requested`` epochs, or for ``auto`` the default of the device
+    the run is on (decided in the run itself, not by whoever launched it): every epoch on CUDA, where an evaluation
+    costs little beside an epoch, every 5th on the CPU (the selected state is evaluated in full at the end anyway)."""
+    if requested == "auto":
+        return 1 if device.type == "cuda" else 5
+    return int(requested)
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what deterministic cuBLAS needs (CUDA >= 10.2), set unless the environment has one
+
+
+def configure(device, seed, deterministic=False, tf32=True):
+    """Seed Python, NumPy and torch. On CUDA, by default, let cuDNN pick its fastest kernels (``benchmark``: which
+    kernel wins may differ from one process to the next, and so may the last bits of a result); ``deterministic``
+    asks for the same kernels and deterministic algorithms every time instead (a resumed run then equals the run
+    made straight through on a GPU too), at some speed. Set both ways, so a later run in the same process gets
+    its own. ``tf32``: convolutions and matmuls in TF32 on CUDA (10-bit mantissa); off for a run that needs fp32."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # read when cuBLAS starts: before any matmul
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)  # an op with no deterministic kernel warns
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
-def setup(args):
-    """Run set-up, in one place for every entry point: (device, autocast dtype, memory format), seeded."""
+def setup(args, needs_fp32=False):
+    """Run set-up, in one place for every entry point: (device, autocast dtype, memory format), seeded.
+    ``needs_fp32`` (``Defense.needs_fp32``): ``--amp auto`` is fp32 and TF32 is off."""
     device = select_device(args.device)
-    configure(device, args.seed)
-    return device, amp_dtype(device, args.amp), memory_format(device)
+    configure(device, args.seed, getattr(args, "deterministic", False), tf32=not needs_fp32)
+    return device, amp_dtype(device, args.amp, needs_fp32), memory_format(device)
 
 
 def run_environment(device, amp):
     """What every run folder records about where it ran: git revision, torch version, the device and precision
     in use (``--device`` and ``--amp`` keep what was asked for, e.g. ``auto``)."""
     return {"git": git_revision(), "torch": torch.__version__, "device_used": str(device),
-            "precision": str(amp).replace("torch.", "") if amp else "fp32"}
+            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "tf32": torch.backends.cudnn.allow_tf32 if device.type == "cuda" else None}
 
 
 def git_revision():

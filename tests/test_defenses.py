@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ import adba
 import distri
 from helper.defenses import DEFENSES
 from helper.defenses.abd import shuffled_copy, suspicious, vaccine_loss
+from helper.data import cutmix, cutmix_box
 from helper.defenses.bcu import PARTS, fresh_resnet18, reinitialise_
 from helper.losses import (attention_distillation_loss, attention_map, hard_label_ce, kd_loss, kd_per_sample)
 from helper.runlog import read_jsonl
@@ -114,6 +116,34 @@ def test_abd_shuffles_the_input_channels_of_the_last_five_convs_only():
         assert sorted(map(tuple, w.transpose(0, 1).flatten(1).tolist())) == sorted(map(tuple, w2.transpose(0, 1).flatten(1).tolist()))
 
 
+def test_cutmix_box_by_hand():
+    """ABD's rand_bbox: side int(32 sqrt(1 - lam)), centred, clipped to the image."""
+    assert cutmix_box(32, 0.75, 16, 16) == (8, 8, 24, 24)        # side 16
+    assert cutmix_box(32, 0.75, 2, 30) == (0, 22, 10, 32)        # clipped at both edges
+    assert cutmix_box(32, 1.0, 5, 5) == (5, 5, 5, 5)             # lam 1: an empty box
+    assert cutmix_box(32, 0.0, 16, 16) == (0, 0, 32, 32)
+
+
+def test_cutmix_fills_one_box_from_a_permuted_batch_and_is_reproducible():
+    x = torch.arange(8.0)[:, None, None, None].expand(8, 3, 32, 32).contiguous()  # image i is all i
+    boxes = 0
+    for seed in range(20):  # Beta(0.25, 0.25) puts lam near 0 or 1: some boxes are empty, some the whole image
+        mixed = cutmix(x, np.random.default_rng(seed))
+        assert torch.equal(mixed, cutmix(x, np.random.default_rng(seed)))           # the rng decides everything
+        changed = (mixed != x).any(0).any(0)                                        # 32 x 32: where an image changed
+        if not changed.any():
+            continue
+        boxes += 1
+        rows, cols = changed.nonzero(as_tuple=True)
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and changed.sum() == box.numel()                           # one rectangle in every image
+        assert sorted(mixed[:, 0, rows.min(), cols.min()].tolist()) == list(range(8))  # a permutation of the batch
+        assert ((mixed == x) | changed).all()                                       # nothing outside the box moved
+    assert boxes >= 5
+    assert torch.equal(x, torch.arange(8.0)[:, None, None, None].expand(8, 3, 32, 32))  # the input is untouched
+    assert cutmix(x, np.random.default_rng(0), prob=0.0) is x and cutmix(x, np.random.default_rng(0), beta=0) is x
+
+
 def test_hard_label_ce_and_per_sample_kd():
     torch.manual_seed(0)
     s, t = torch.randn(5, 10), torch.randn(5, 10)
@@ -154,10 +184,18 @@ def test_defaults_are_the_defenses_own_and_a_given_flag_wins(teacher_dir, tmp_pa
     _, rows, args = _run(teacher_dir, tmp_path / "bcu", "bcu", ["--weight_decay", "0.001"])
     assert args["opt_lr"] == 0.01 and args["lr_schedule"] == "cosine" and args["bcu_ratios"][4] == 0.27
     assert args["batch_size"] == 64 and args["weight_decay"] == 0.001 and args["epoch"] == 2  # given flags win
-    assert [r["lr"] for r in rows] == [0.01, pytest.approx(0.005)]  # cosine over 2 epochs
-    assert [r["bcu_t"] for r in rows] == [2.5, 4.0]
-    _, _, args = _run(teacher_dir, tmp_path / "abd", "abd")
+    # BCU's cosine has T_max 100 whatever the run's length: 0.01 (1 + cos(pi / 100)) / 2 after one epoch
+    assert [r["lr"] for r in rows] == [0.01, pytest.approx(0.01 * (1 + math.cos(math.pi / 100)) / 2)]
+    assert args["lr_period"] == 100 and [r["bcu_t"] for r in rows] == [2.5, 4.0]
+    _, rows, _ = _run(teacher_dir, tmp_path / "bcu2", "bcu", ["--lr_period", "2"])
+    assert [r["lr"] for r in rows] == [0.01, pytest.approx(0.005)]  # a given period wins: cosine over 2 epochs
+    _, rows, args = _run(teacher_dir, tmp_path / "abd", "abd")
     assert args["opt_type"] == "Adam" and args["temperature"] == 8.0 and args["batch_size"] == 64  # (given)
+    assert args["using_checkpoint"] == 0 and args["lr_schedule"] == "step"  # ABD's code: a fresh student, steps
+    assert args["lr_milestones"] == [150, 300, 600] and args["lr_gamma"] == 0.5 and args["abd_cutmix_beta"] == 0.25
+    assert [r["lr"] for r in rows] == [1e-3, 1e-3]
+    nad = distri.defense_parser(["--defense", "nad"]).parse_args(["--defense", "nad"])
+    assert nad.opt_nesterov == 1 and nad.opt_type == "SGD"
     _, _, args = _run(teacher_dir, tmp_path / "asd", "asd")
     assert args["opt_lr"] == 1e-3 and args["ratio_type"] == "scheduler" and args["temperature"] == 40.0
 

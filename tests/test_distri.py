@@ -90,11 +90,25 @@ def test_dsextend_uses_train_plus_test(teacher_dir, tmp_path):
     assert saved["n_defense"] == 256 + 128
 
 
-def test_lr_drop_on_when_forced(teacher_dir, tmp_path):
-    out = tmp_path / "drop"
-    distri.main(fast_flags(teacher_dir, out) + ["--lr_drop", "on", "--lr_drop_kd", "1e9", "--lr_drop_to", "1e-5"])
+def test_lr_drop_forced_on_waits_for_the_kd_loss_to_exceed_its_threshold(teacher_dir, tmp_path):
+    """A KD loss that never rises above --lr_drop_kd never arms the drop (SPEC section 6); one above it at every
+    epoch arms it without firing: the lr stays 1e-3 either way."""
+    for threshold in ("1e9", "1e-12"):
+        out = tmp_path / f"drop{threshold}"
+        distri.main(fast_flags(teacher_dir, out) + ["--lr_drop", "on", "--lr_drop_kd", threshold, "--lr_drop_to", "1e-5"])
+        rows, saved, _ = _read_run(out)
+        assert saved["lr_dropped_at"] is None and [r["lr"] for r in rows] == [1e-3, 1e-3]
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["lr_drops"][-1] == {"armed": True, "dropped_at": None}
+
+
+def test_asd_lr_drop_is_armed_at_the_end_of_its_shift_phase(teacher_dir, tmp_path):
+    """ASD with a 1-epoch shift phase and the drop on: epoch 0 (ASL alone) keeps 1e-3, the drop fires at the end
+    of epoch 1 (armed, KD loss below 1.0), epoch 2 runs at --lr_drop_to."""
+    out = tmp_path / "asd-drop"
+    distri.main(fast_flags(teacher_dir, out, epochs=3) + ["--defense", "asd", "--shift_epochs", "1", "--lr_drop", "on"])
     rows, saved, _ = _read_run(out)
-    assert saved["lr_dropped_at"] == 0 and [r["lr"] for r in rows] == [1e-3, 1e-5]
+    assert saved["lr_dropped_at"] == 1 and [r["lr"] for r in rows] == [1e-3, 1e-3, 1e-4]
 
 
 # ---------------------------------------------------------------- bad input: one line, exit code 2

@@ -40,7 +40,7 @@ def test_smoke_preset_writes_every_run_and_the_table(smoke_grid):
     assert md.splitlines()[0] == "| | KD 64 | ASD 64 |" and "| ASR non-target |" in md and "| RA |" in md
     assert [row["defense"] for row in csv.DictReader(open(os.path.join(out, "table.csv")))] == ["kd", "asd"]
     assert json.load(open(os.path.join(out, "table.json"))) == json.loads(json.dumps(entries))
-    # --eval_every (5 on a CPU): epoch 0 of 2 is not evaluated, the last one is; the result is a full evaluation
+    # --eval_every auto (5 on a CPU, decided by the run): epoch 0 of 2 is not evaluated, the last one is
     rows = read_jsonl(os.path.join(out, "kd-n64", "seed0", "log.jsonl"))
     assert "acc" not in rows[0] and "acc" in rows[1]
 
@@ -231,3 +231,76 @@ def test_a_teacher_to_train_is_an_adba_command_resumed_when_interrupted(tmp_path
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "args.json").write_text("{}")
     assert run.state() == "interrupted" and run.command()[-1] == "--resume"
+
+
+# ---------------------------------------------------------------- where the children run
+
+def test_gpu_slots_are_the_parents_visible_gpus():
+    from helper.grid import child_envs
+    envs = child_envs(4, gpus=2, runs_per_gpu=2, parent={"CUDA_VISIBLE_DEVICES": "2,3"}, cores=16)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "2", "3", "3"]  # never 0 and 1, outside the allocation
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["4"] * 4  # 16 cores over 4 runs at once
+    uuids = "GPU-8a1f0b2c-aaaa-bbbb-cccc-000000000001, MIG-5c3d-0001"
+    envs = child_envs(3, gpus=2, runs_per_gpu=1, parent={"CUDA_VISIBLE_DEVICES": uuids}, cores=2)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["GPU-8a1f0b2c-aaaa-bbbb-cccc-000000000001", "MIG-5c3d-0001",
+                                                       "GPU-8a1f0b2c-aaaa-bbbb-cccc-000000000001"]
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}  # at least one
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in child_envs(4, 2, 2, parent={}, cores=8)] == ["0", "0", "1", "1"]
+
+
+def test_gpu_children_keep_the_parents_omp_num_threads_cpu_children_get_one():
+    from helper.grid import child_envs
+    parent = {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "6", "KEEP": "x"}
+    envs = child_envs(2, gpus=1, runs_per_gpu=2, parent=parent, cores=64)
+    assert [(e["CUDA_VISIBLE_DEVICES"], e["OMP_NUM_THREADS"], e["KEEP"]) for e in envs] == [("5", "6", "x")] * 2
+    envs = child_envs(2, gpus=0, parent=parent, cores=64)
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["1", "1"] and envs[0]["CUDA_VISIBLE_DEVICES"] == "5"
+    assert parent == {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "6", "KEEP": "x"}  # the parent's is not changed
+
+
+def test_visible_gpus_reads_cuda_visible_devices_as_cuda_does():
+    from helper.grid import visible_gpus
+    assert visible_gpus({}, 3) == ["0", "1", "2"] and visible_gpus({}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "3,1"}) == ["3", "1"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1,x,2"}) == ["1"]  # CUDA stops at the first invalid entry
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == [] and visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5,6"}, 2) == ["4", "5"]
+
+
+def test_run_local_puts_each_run_on_one_of_the_parents_gpus(tmp_path, monkeypatch):
+    from helper import grid as G
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen = []
+    monkeypatch.setattr(G, "run_one", lambda command, log, env=None: seen.append(
+        (env["CUDA_VISIBLE_DEVICES"], env["OMP_NUM_THREADS"])) or (1, 0.0))
+    monkeypatch.setattr(G, "cpu_cores", lambda: 8)
+    runs = build_grid(str(tmp_path), [("kd", 64)], range(6))
+    failures = G.run_local(runs, str(tmp_path), jobs=4, gpus=2, runs_per_gpu=2, out=lambda line: None)
+    assert len(failures) == 6 and len(seen) == 6  # run_one's exit 1: every run "failed"
+    assert {gpu for gpu, _ in seen} <= {"2", "3"} and {threads for _, threads in seen} == {"2"}
+
+
+def _child_commands(monkeypatch, tmp_path, *flags):
+    from tests.conftest import write_teacher_dir
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    launched = []
+    monkeypatch.setattr(reproduce, "launch", lambda todo, *a, **k: launched.extend(r.command() for r in todo) or [])
+    reproduce.main(["--read_dir", teacher, "--output_dir", str(tmp_path / "g"), "--preset", "smoke", *flags])
+    assert len(launched) == 4
+    return launched
+
+
+def test_eval_every_is_decided_by_each_run_unless_the_user_gives_a_number(monkeypatch, tmp_path):
+    for command in _child_commands(monkeypatch, tmp_path):
+        i = command.index("--eval_every")
+        assert command[i + 1] == "auto" and command.count("--eval_every") == 1
+    for command in _child_commands(monkeypatch, tmp_path, "--eval_every", "3"):
+        assert command[command.index("--eval_every") + 1] == "3"
+
+
+def test_a_bad_eval_every_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--read_dir", str(tmp_path), "--preset", "smoke", "--eval_every", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--eval_every must be at least 1 (or auto), not 0" in err

@@ -56,7 +56,8 @@ def test_a_stop_request_ends_the_epoch_between_two_steps(tmp_path):
     assert result.stopped == "interrupted" and result.signum == signal.SIGINT and result.rows == []
 
 
-@pytest.mark.parametrize("defense,extra", [("asd", []), ("nad", ["--nad_teacher_epochs", "2"]), ("ibau", [])])
+@pytest.mark.parametrize("defense,extra", [("asd", []), ("nad", ["--nad_teacher_epochs", "2"]), ("ibau", []),
+                                           ("renofeation", ["--reno_swa_start", "0.5"])])  # averages epochs 2-3
 def test_stopped_and_resumed_run_equals_the_run_straight_through(teacher_dir, tmp_path, monkeypatch, capsys,
                                                                  defense, extra):
     flags = fast_flags(teacher_dir, tmp_path / "straight", epochs=4) + ["--defense", defense, "--no_progress",
@@ -210,3 +211,95 @@ def test_a_flag_newer_than_the_run_resumes_at_its_default_only():
     assert differing_flags(saved, now, {"shift": "all"}) == ["--shift None -> 'dormant'"]
     now.shift, now.seed = "all", 3
     assert differing_flags(saved, now, {"shift": "all", "seed": 0}) == ["--seed 0 -> 3"]
+
+
+# ---------------------------------------------------------------- devices: RNG states and resuming elsewhere
+
+def _no_cuda(monkeypatch):
+    """A machine that claims a GPU, whose CUDA RNG calls fail: rng_states on the CPU must not call them."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.cuda touched by a CPU run")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state_all", "get_rng_state", "set_rng_state_all", "set_rng_state"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+
+
+def test_rng_states_of_a_cpu_run_leave_torch_cuda_alone(monkeypatch):
+    from helper.resume import rng_states, set_rng_states
+    _no_cuda(monkeypatch)
+    generator = torch.Generator().manual_seed(3)
+    states = rng_states(generator, torch.device("cpu"))
+    assert set(states) == {"device", "generator", "torch"} and states["device"] == "cpu"
+    expected = torch.rand(4, generator=generator)
+    other = torch.Generator().manual_seed(9)
+    set_rng_states(other, states, torch.device("cpu"))
+    assert torch.equal(torch.rand(4, generator=other), expected)
+    # a last.pt of an older version: no "device", every GPU's state as "cuda" (saved on a CPU run on a GPU machine)
+    set_rng_states(other, {"generator": states["generator"], "torch": states["torch"], "cuda": [torch.zeros(16)]})
+    assert torch.equal(torch.rand(4, generator=other), expected)
+
+
+@pytest.mark.parametrize("states", [
+    {"device": "cuda", "generator": torch.zeros(16, dtype=torch.uint8),
+     "cuda_device": torch.zeros(16, dtype=torch.uint8)},
+    {"generator": torch.zeros(16, dtype=torch.uint8), "cuda": [torch.zeros(16, dtype=torch.uint8)]},  # older last.pt
+], ids=["device-field", "older-cuda-sized-state"])
+def test_states_of_another_device_type_are_one_clear_error(states):
+    from helper.errors import UserError
+    from helper.resume import check_rng_device, set_rng_states
+    states = {**states, "torch": torch.get_rng_state()}
+    with pytest.raises(UserError, match="started on cuda and would continue on cpu; a run resumes on the device type "
+                                        "it started on"):
+        set_rng_states(torch.Generator(), states, torch.device("cpu"))
+    cpu_states = {"device": "cpu", "generator": torch.Generator().get_state(), "torch": torch.get_rng_state()}
+    with pytest.raises(UserError, match="started on cpu and would continue on cuda"):
+        check_rng_device(cpu_states, torch.device("cuda"))  # no GPU needed: it is refused before anything is restored
+
+
+def test_a_run_resumed_on_another_device_type_is_refused_and_its_folder_left_as_it_was(teacher_dir, tmp_path, capsys):
+    """A last.pt whose generator came from a GPU (faked: a CUDA-sized state) resumed on the CPU: one line naming
+    both device types, exit 2, nothing in the folder changed (the stopped results.json, the log, last.pt)."""
+    out = tmp_path / "r"
+    flags = fast_flags(teacher_dir, out, epochs=2) + ["--no_progress", "--ratio_type", "fix", "--eval_every", "auto",
+                                                     "--deterministic"]
+    try:
+        distri.main(flags)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    saved = json.load(open(out / "args.json"))
+    assert saved["eval_every"] == "auto" and saved["eval_every_effective"] == 5 and saved["deterministic"] is True
+    rows = read_jsonl(out / "log.jsonl")
+    assert "acc" not in rows[0] and "acc" in rows[1]  # auto on the CPU: every 5th epoch and the last
+    results = json.load(open(out / "results.json"))
+    json.dump({**results, "stopped": "interrupted"}, open(out / "results.json", "w"))
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["rng"]["device"] == "cpu" and "cuda" not in last["rng"] and "cuda_device" not in last["rng"]
+    del last["rng"]["device"]  # as an older last.pt, told by the generator state's size
+    last["rng"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(last, out / "last.pt")
+    before = {name: (out / name).read_bytes() for name in ("results.json", "log.jsonl", "last.pt", "args.json")}
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as e:
+            distri.main(flags + ["--resume"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--resume: the run in {out} started on cuda and would continue on cpu" in err
+    assert "resume it on a machine with a CUDA GPU" in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_eval_every_auto_resumes_a_run_started_with_the_number_it_amounts_to():
+    """A grid interrupted before reproduce.py passed --eval_every auto has runs with 5 (on a CPU) in args.json."""
+    import argparse
+
+    from helper.resume import differing_flags
+    saved = {"eval_every": 5, "seed": 0}
+    now = argparse.Namespace(eval_every="auto", seed=0)
+    assert differing_flags(saved, now, resolved={"eval_every": 5}) == []
+    # on a GPU auto is 1: not the same
+    assert differing_flags(saved, now, resolved={"eval_every": 1}) == ["--eval_every 5 -> 'auto'"]
+    assert differing_flags(saved, now) == ["--eval_every 5 -> 'auto'"]
+    assert differing_flags({"eval_every": "auto", "seed": 0}, now, resolved={"eval_every": 5}) == []

@@ -8,6 +8,8 @@ from helper.defenses.fineprune import FinePrune
 from helper.defenses.ibau import IBAU
 from helper.defenses.nad import NAD
 from helper.defenses.nc import NC
+from helper.defenses.renofeation import Renofeation
 from helper.defenses.sau import SAU
 
-DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune, IBAU, SAU, NC)}
+DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune, IBAU, SAU, NC,
+                                     Renofeation)}

@@ -5,13 +5,18 @@ Three copies of the teacher, each with the input channels of its last 5 convolut
 are the ensemble's. A sample is suspicious when the ensemble's predicted class equals the teacher's.
 Loss = mean KD over the other samples - 0.1 x mean KD over the suspicious ones, where a sample's KD is
 ``KL(softmax(t/T) || softmax(s/T))`` averaged over the classes, without T^2 (its ``KDLoss`` with
-``reduction='none'``, then means over kept and flagged entries); T = 8, Adam lr 1e-3, batch 512: the
-defaults of its ``vanilla_kd_ood.py``.
+``reduction='none'``, then means over kept and flagged entries). The defaults of its ``vanilla_kd_ood.py`` and
+OOD sweep: a freshly initialised student (``--initialize_student`` False: ``--using_checkpoint 0`` here), T = 8,
+Adam lr 1e-3 without weight decay, batch 512, CutMix on every batch (beta 0.25, probability 1.0; the teacher
+labels the mixed image), and a step schedule (x0.5 at epochs 150, 300, 600). Its ``pseudo_test_batches`` is 0
+in that sweep, so the vaccine is on from the first batch, as here.
 """
 import copy
 
+import numpy as np
 import torch
 
+from helper.data import cutmix
 from helper.defenses.base import Defense
 from helper.losses import kd_per_sample
 
@@ -44,13 +49,28 @@ def vaccine_loss(per_sample_kd, flagged, coef=0.1):
 class ABD(Defense):
     name = "abd"
     help = "ABD's shuffling vaccine: KD that pushes away from samples a channel-shuffled teacher still agrees on"
-    defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0, "lr_drop": "off"}
+    defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0, "lr_drop": "off",
+                "using_checkpoint": 0, "lr_schedule": "step", "lr_milestones": [150, 300, 600], "lr_gamma": 0.5}
 
     @classmethod
     def add_args(cls, g):
         g.add_argument("--abd_copies", type=int, default=3, help="shuffled teacher copies in the ensemble")
         g.add_argument("--abd_layers", type=int, default=5, help="last convolutions whose input channels are shuffled")
         g.add_argument("--abd_coef", type=float, default=0.1, help="weight of the suspicious samples' (negative) KD")
+        g.add_argument("--abd_cutmix_beta", type=float, default=0.25,
+                       help="CutMix box area ~ 1 - Beta(b, b) on every batch (ABD's code); 0: no CutMix")
+        g.add_argument("--abd_cutmix_prob", type=float, default=1.0, help="probability that a batch is cut-mixed")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rng = np.random.default_rng(self.args.seed)  # CutMix's draws, kept in last.pt
+
+    def state(self):
+        return {"cutmix_rng": self.rng.bit_generator.state}
+
+    def restore(self, state):
+        if "cutmix_rng" in state:
+            self.rng.bit_generator.state = state["cutmix_rng"]
 
     def stages(self, student):
         a = self.args
@@ -64,5 +84,8 @@ class ABD(Defense):
             flagged = suspicious(ensemble, t)
             per_sample = kd_per_sample(s, t, a.temperature) / (a.temperature ** 2 * s.shape[1])  # class mean, no T^2
             return (vaccine_loss(per_sample, flagged, a.abd_coef), {"flagged_share": flagged.float().mean()})
-        step = self.distill_step(student, self.teacher, loss, optimizer)
+        distill = self.distill_step(student, self.teacher, loss, optimizer)
+
+        def step(x):
+            return distill(cutmix(x, self.rng, a.abd_cutmix_beta, a.abd_cutmix_prob))
         return [self.make_stage("", a.epoch, student, optimizer, step)]

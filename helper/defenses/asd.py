@@ -120,6 +120,13 @@ class ASD(Defense):
                        help="batch-norm layers of the student in eval mode (running statistics frozen and used): "
                             "never, during the lambda = 0 epochs (shift), or always")
 
+    @classmethod
+    def needs_fp32(cls, args):
+        """ASL's gradient is 2 (1 + t's') t' / |s| (SPEC section 4): most of its squared norm sits in the few
+        elements with |s| around 1e-7 to 1e-6 of a layer's scale, far below bf16's rounding of a convolution output
+        (about 1e-3 relative) and TF32's; a run whose ASL weight can be non-zero computes in fp32 with TF32 off."""
+        return args.ratio_type == "scheduler" or args.new_loss_ratio != 0
+
     def stages(self, student):
         a = self.args
         optimizer = self.optimizer(student.parameters())
@@ -144,7 +151,8 @@ class ASD(Defense):
                 for m in bns:
                     m.eval()
             return self.distiller.step(x, weights["kd"], weights["asl"])
-        return [self.make_stage("", a.epoch, student, optimizer, step, begin, drop=self.lr_drop_enabled)]
+        arm = a.shift_epochs if a.ratio_type == "scheduler" else None  # the drop waits for the shift phase's end
+        return [self.make_stage("", a.epoch, student, optimizer, step, begin, drop=self.lr_drop_enabled, arm_epoch=arm)]
 
     def prepare(self, student):
         """``--shift dormant``: choose the channels ASL shifts from the teacher's activity on the defense images."""

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from helper.engine import optimizer_step
 from helper.losses import kd_loss
-from helper.schedule import LrDrop, cosine_lr
+from helper.schedule import LrDrop, cosine_lr, step_lr
 from helper.system import autocast, use_compile
 
 
@@ -58,6 +58,12 @@ class Defense:
     @classmethod
     def add_args(cls, group):
         """Add this defense's own flags to its argument group (called only when it is the chosen defense)."""
+
+    @classmethod
+    def needs_fp32(cls, args):
+        """Whether the run must compute in fp32 with TF32 off (``--amp auto`` then means fp32 on every device): a loss
+        that reads quantities bf16 or TF32 would round away (ASL). False by default."""
+        return False
 
     def __init__(self, args, teacher, device, amp, n_defense, images=None):
         # ``images``: the defense images (uint8 N x 3 x 32 x 32 on the device, as ``image_epoch`` takes them),
@@ -98,6 +104,13 @@ class Defense:
     def restore(self, state):
         """Take back what ``state()`` returned (``--resume``)."""
 
+    def evaluated_model(self, model):
+        """The model the engine evaluates after an epoch of training ``model``, keeps as the selected state
+        (``selected.pkl``, ``--retune``) and writes as ``checkpoint.pkl``: ``model`` itself by default; a defense
+        that reports another one of the same architecture returns it, ready to evaluate (renofeation: its weight
+        average, batch-norm statistics recomputed)."""
+        return model
+
     def close(self):
         """Release hooks and the like at the end of the run."""
 
@@ -120,26 +133,32 @@ class Defense:
         a = self.args
         lr = a.opt_lr if lr is None else lr
         if a.opt_type == "SGD":
-            return torch.optim.SGD(params, lr=lr, momentum=a.opt_mo, weight_decay=a.weight_decay)
+            return torch.optim.SGD(params, lr=lr, momentum=a.opt_mo, weight_decay=a.weight_decay,
+                                   nesterov=bool(getattr(a, "opt_nesterov", 0)))
         return torch.optim.Adam(params, lr=lr, weight_decay=a.weight_decay)
 
-    def make_stage(self, name, epochs, model, optimizer, step, begin=None, drop=False):
-        """A ``Stage`` whose learning rate follows ``--lr_schedule`` (none | cosine over ``epochs``) and, when
-        ``drop``, drops to ``--lr_drop_to`` once the mean KD loss reaches ``--lr_drop_kd`` (SPEC section 6).
+    def make_stage(self, name, epochs, model, optimizer, step, begin=None, drop=False, arm_epoch=None):
+        """A ``Stage`` whose learning rate follows ``--lr_schedule`` (none; cosine over ``--lr_period`` epochs,
+        default ``epochs``; step at ``--lr_milestones``) and, when ``drop``, drops to ``--lr_drop_to`` once the mean
+        KD loss is at ``--lr_drop_kd`` after exceeding it or from ``arm_epoch`` on (SPEC section 6, ``LrDrop``).
         ``begin(epoch)`` adds the defense's own schedule values to the logged ones."""
         a, base = self.args, optimizer.param_groups[0]["lr"]
-        lr_drop = LrDrop(optimizer, a.lr_drop_kd, a.lr_drop_to, enabled=drop)
+        lr_drop = LrDrop(optimizer, a.lr_drop_kd, a.lr_drop_to, enabled=drop, arm_epoch=arm_epoch)
+        period = getattr(a, "lr_period", None) or epochs
 
         def begin_epoch(epoch):
             logged = begin(epoch) if begin else {}
-            if a.lr_schedule == "cosine" and lr_drop.dropped_at is None:
+            if a.lr_schedule != "none" and lr_drop.dropped_at is None:
+                lr = (cosine_lr(base, epoch, period) if a.lr_schedule == "cosine"
+                      else step_lr(base, epoch, a.lr_milestones, a.lr_gamma))
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(base, epoch, epochs)
+                    group["lr"] = lr
             return {**logged, "lr": optimizer.param_groups[0]["lr"]}
 
         def end_epoch(epoch, means):
             if lr_drop.step(epoch, means["kd_loss"]):
-                tqdm.write(f"epoch {epoch}: mean KD loss {means['kd_loss']:.4f} <= {a.lr_drop_kd}: lr -> {a.lr_drop_to}")
+                tqdm.write(f"epoch {epoch}: mean KD loss {means['kd_loss']:.4f} <= {a.lr_drop_kd} with the drop armed: "
+                           f"lr -> {a.lr_drop_to}")
         return Stage(name, epochs, model, optimizer, step, begin_epoch, end_epoch, lr_drop)
 
     def distill_step(self, model, source, loss_fn, optimizer):

@@ -3,7 +3,9 @@
 Start from the teacher, re-initialise each weight element of every convolution and linear layer with a
 per-layer probability (the element of a freshly initialised ResNet18 takes its place; batch-norm
 parameters and statistics are kept), then distil with ``KL(softmax(t/T) || softmax(s/T))``, batch mean,
-no T^2, at a temperature rising as ``T = 1 + 3 (epoch + 1) / epochs``.
+no T^2, at a temperature rising as ``T = 1 + 3 (epoch + 1) / epochs``; SGD lr 0.01, momentum 0.9, weight decay
+5e-4, batch 256, cosine annealing with T_max 100 epochs whatever the run's length (its scheduler's), so a
+20-epoch run ends at lr 0.01 (1 + cos(pi 19/100)) / 2 = 0.0091, not near 0.
 """
 import torch
 
@@ -53,8 +55,8 @@ def reinitialise_(model, ratios, generator):
 class BCU(Defense):
     name = "bcu"
     help = "BCU: re-initialise part of the teacher layer by layer, then distil at a rising temperature"
-    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "epoch": 100, "batch_size": 256,
-                "lr_drop": "off"}
+    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_period": 100, "epoch": 100,
+                "batch_size": 256, "lr_drop": "off"}
 
     @classmethod
     def add_args(cls, g):

@@ -4,7 +4,13 @@ Stage 1 fine-tunes a copy of the backdoored teacher with KD on the defense image
 stage 2 trains the student (from the backdoored teacher) with KD against the stage-1 model plus
 ``sum_l beta_l * ||A(F_s,l) - A(F_t,l)||^2`` at the outputs of layer2, layer3 and layer4 (betas 500, 1000,
 1000; ``helper.losses.attention_map``). NAD trains with labels and cross-entropy at lr 0.1; here both
-stages use the package's KD loss instead (there are no labels) and SGD at lr 0.01 (see README).
+stages use the package's KD loss instead (there are no labels) and SGD at lr 0.01 with Nesterov momentum 0.9
+(its optimiser, ``nesterov=True``; see README).
+
+Adapted to unlabelled data, stage 1 distils a copy of the teacher from the identical teacher: the two differ
+only through the copy's batch statistics in training mode and its weight decay, so its KD loss starts near 0,
+the stage-1 model stays close to the backdoored teacher, and stage 2 copies that teacher's attention. NAD's paper fine-tunes on labelled clean
+data, which is what moves its stage-1 teacher away from the backdoor; this port has no such signal.
 """
 import copy
 
@@ -17,7 +23,8 @@ from helper.losses import attention_distillation_loss
 class NAD(Defense):
     name = "nad"
     help = "NAD: fine-tune a teacher copy with KD, then distil with attention maps of layer2-4 against it"
-    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "epoch": 20, "batch_size": 64, "lr_drop": "off"}
+    defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "epoch": 20, "batch_size": 64, "lr_drop": "off",
+                "opt_nesterov": 1}
 
     @classmethod
     def add_args(cls, g):
