@@ -10,17 +10,17 @@ The folder holds checkpoint.pkl (a list holding one state dict), pattern.pt, mas
 args.json, log.jsonl (one JSON line per epoch), curves.png and trigger.png; then
 ``python distri.py --read_dir <folder>``.
 """
-from helper.cli import attack_parser
-from helper.errors import exits_cleanly
+from helper.attacks.options import attack_parser
+from helper.run.errors import exits_cleanly
 
 
 @exits_cleanly
 def main(argv=None):
     args = attack_parser(argv).parse_args(argv)
     if args.attack == "adba":
-        from helper.attack import run
+        from helper.attacks.adba import run
     else:
-        from helper.attacks import run
+        from helper.attacks.poison import run
     return run(args)
 
 

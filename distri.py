@@ -9,8 +9,8 @@
 # The teacher to clean: a folder with checkpoint.pkl, pattern.pt and mask.pt, as adba.py writes it.
 read_dir = "./checkpoints/adba_cifar10"
 
-from helper.cli import defense_parser  # noqa: E402
-from helper.errors import exits_cleanly  # noqa: E402
+from helper.defenses.options import defense_parser  # noqa: E402
+from helper.run.errors import exits_cleanly  # noqa: E402
 
 
 @exits_cleanly
@@ -18,11 +18,11 @@ def main(argv=None, **defaults):
     """Parse ``argv`` (``defaults`` override the parser's, for variant entry points) and run."""
     args = defense_parser(argv, **defaults).parse_args(argv)
     if args.demo:
-        from helper.demo import run_demo
+        from helper.jobs.demo import run_demo
         return run_demo(args)
     if args.read_dir is None:
         args.read_dir = read_dir
-    from helper.distill import run
+    from helper.jobs.distill import run
     return run(args)
 
 

@@ -4,10 +4,10 @@
     python scan.py --read_dir DIR --families mask     # Neural Cleanse's family only
 
 Writes scan.json (verdict, target, per family: size per class, anomaly index, flagged classes) and scan.png.
-The folder's pattern.pt / mask.pt are read only after the verdict, for evaluation (helper/scan.py).
+The folder's pattern.pt / mask.pt are read only after the verdict, for evaluation (helper/jobs/scan.py).
 """
-from helper.errors import exits_cleanly
-from helper.scan import run_scan, scan_parser
+from helper.jobs.scan import run_scan, scan_parser
+from helper.run.errors import exits_cleanly
 
 
 @exits_cleanly

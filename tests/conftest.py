@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from helper.teacher_dir import write_teacher
+from helper.data.teacher_dir import write_teacher
 from models import resnet18
 
 TEST_WIDTH = 4

@@ -3,8 +3,8 @@ from helper.defenses.abd import ABD
 from helper.defenses.asd import ASD, KD
 from helper.defenses.bcu import BCU
 from helper.defenses.clp import CLP
-from helper.defenses.finetune import FineTune
 from helper.defenses.fineprune import FinePrune
+from helper.defenses.finetune import FineTune
 from helper.defenses.ibau import IBAU
 from helper.defenses.nad import NAD
 from helper.defenses.nc import NC

@@ -16,9 +16,9 @@ import copy
 import numpy as np
 import torch
 
-from helper.data import cutmix
+from helper.data.images import cutmix
 from helper.defenses.base import Defense
-from helper.losses import kd_per_sample
+from helper.train.losses import kd_per_sample
 
 
 @torch.no_grad()

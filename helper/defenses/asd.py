@@ -4,11 +4,11 @@ import functools
 import torch
 
 from helper.defenses.base import Defense
-from helper.engine import optimizer_step
-from helper.features import DEFAULT_LAYERS, FeatureHooks, resolve_layers
-from helper.losses import attention_shifting_loss, kd_loss
-from helper.schedule import RATIO_TYPES, asd_ratio, loss_weights
-from helper.system import CompiledOrEager, autocast
+from helper.run.system import CompiledOrEager, autocast
+from helper.train.engine import optimizer_step
+from helper.train.features import DEFAULT_LAYERS, FeatureHooks, resolve_layers
+from helper.train.losses import attention_shifting_loss, kd_loss
+from helper.train.schedule import RATIO_TYPES, asd_ratio, loss_weights
 
 
 class Distiller:
@@ -159,7 +159,7 @@ class ASD(Defense):
         a, self.channels = self.args, None
         if a.shift != "dormant":
             return {}
-        from helper.diagnostics import channel_activity, least_active
+        from helper.train.diagnostics import channel_activity, least_active
         hooked = resolve_layers(self.teacher, [s.strip() for s in a.hook_layers.split(",") if s.strip()])
         self.channels = least_active(channel_activity(self.teacher, self.images, hooked), a.shift_fraction)
         return {"shifted_channels": {n: c.tolist() for n, c in self.channels.items()}}
@@ -168,7 +168,7 @@ class ASD(Defense):
         """The base's dead units, plus on the probe images (eval mode): the shares of ASL's four cases over the
         channels ASL compares (``asl_states``), ASL's value there, and the L2 norms of the gradients of the KD
         loss and of ASL, unweighted (SPEC section 11 asks for both; the epoch's weights are logged beside)."""
-        from helper.diagnostics import asl_states, eval_mode
+        from helper.train.diagnostics import asl_states, eval_mode
         d = super().diagnostics(model)
         dist, x = self.distiller, self.probe()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -1,11 +1,11 @@
 """What a defense is to the engine: its flags and defaults, what it does to the student, and its stages.
 
 A defense subclasses ``Defense`` in one file of this folder and gets one line in ``DEFENSES``
-(``helper/defenses/__init__.py``). The engine (``helper.distill.run``) then
+(``helper/defenses/__init__.py``). The engine (``helper.jobs.distill.run``) then
 
 1. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
 2. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
-3. runs every ``Stage`` of ``stages(student)`` through ``helper.engine.fit``: per epoch ``begin(epoch)``
+3. runs every ``Stage`` of ``stages(student)`` through ``helper.train.engine.fit``: per epoch ``begin(epoch)``
    (schedule values, logged), one pass of ``step(x)`` over the defense images (named loss tensors, no host
    sync; ``kd_loss`` is what selection reads), ``end(epoch, means)``, then evaluation of ``stage.model``.
    Only the last stage's epochs are selected from; an earlier one (NAD's teacher fine-tuning) is logged
@@ -17,11 +17,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from helper.engine import optimizer_step
-from helper.losses import kd_loss
-from helper.schedule import LrDrop, cosine_lr, step_lr
-from helper.system import autocast, use_compile
-
+from helper.run.system import autocast, use_compile
+from helper.train.engine import optimizer_step
+from helper.train.losses import kd_loss
+from helper.train.schedule import LrDrop, cosine_lr, step_lr
 
 # BackdoorBench's fine-tuning recipe (SGD 0.01 with the package's momentum 0.9, weight decay 5e-4, cosine): the
 # defaults of the defenses that fine-tune the student with an extra term (finetune, ibau, nc)
@@ -31,7 +30,7 @@ FINE_TUNING = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "l
 def check_adversary(args):
     """The perturbation budget of ibau and sau: one UserError naming the flags."""
     if args.adv_steps < 1 or args.adv_radius <= 0 or args.adv_lr <= 0:
-        from helper.errors import UserError
+        from helper.run.errors import UserError
         raise UserError(f"--adv_steps must be >= 1 and --adv_radius, --adv_lr > 0 (got {args.adv_steps}, "
                         f"{args.adv_radius}, {args.adv_lr})")
 
@@ -84,16 +83,16 @@ class Defense:
     def probe(self, n=256):
         """The first ``n`` defense images as floats, no augmentation: what ``diagnostics`` looks at."""
         if getattr(self, "_probe", None) is None:
-            from helper.data import to_float
+            from helper.data.images import to_float
             self._probe = to_float(self.images[:n])
         return self._probe
 
     def diagnostics(self, model):
-        """Logged per epoch under ``diag``: the share of dead channels per unit (``helper.diagnostics.dead_units``:
+        """Logged per epoch under ``diag``: the share of dead channels per unit (``helper.train.diagnostics.dead_units``:
         the stem and every block's bn1) on the probe images; ``{}`` without defense images."""
         if self.images is None:
             return {}
-        from helper.diagnostics import dead_units
+        from helper.train.diagnostics import dead_units
         return {"dead": dead_units(model, self.probe())}
 
     def state(self):

@@ -10,8 +10,8 @@ no T^2, at a temperature rising as ``T = 1 + 3 (epoch + 1) / epochs``; SGD lr 0.
 import torch
 
 from helper.defenses.base import Defense
-from helper.losses import kd_loss
-from helper.schedule import bcu_temperature
+from helper.train.losses import kd_loss
+from helper.train.schedule import bcu_temperature
 from models import resnet18
 
 # Re-initialisation probability by the first part of the module name: stem, layer1-4, head.

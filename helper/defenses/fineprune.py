@@ -25,9 +25,9 @@ import torch
 
 from helper.defenses.asd import KD
 from helper.defenses.clp import PrunedKD, ZeroHold
-from helper.errors import UserError
-from helper.evaluate import eval_mode, predict
-from helper.system import eval_batch_size
+from helper.run.errors import UserError
+from helper.run.system import eval_batch_size
+from helper.train.evaluate import eval_mode, predict
 
 
 def readers(model, layer):

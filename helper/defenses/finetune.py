@@ -4,8 +4,8 @@ The public ASD code's ``CEwater`` main loss. The teacher labels the unlabelled i
 logits); the student, a copy of the teacher, is trained on those labels with SGD (lr 0.01, momentum 0.9,
 weight decay 5e-4, cosine) for 20 epochs, as NAD's fine-tuning baseline.
 """
-from helper.defenses.base import Defense, FINE_TUNING
-from helper.losses import hard_label_ce
+from helper.defenses.base import FINE_TUNING, Defense
+from helper.train.losses import hard_label_ce
 
 
 class FineTune(Defense):

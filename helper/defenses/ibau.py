@@ -14,7 +14,7 @@ One perturbation ``delta`` (3 x 32 x 32) lives for the whole run. Each step it c
   finds: the trigger's direction, not the student's ordinary adversarial one.
 
 The student minimises ``KD(s(x), t(x)) + beta D(s(x + delta), t(x))``, ``D = KL(softmax t(x) || softmax
-s(x + delta))`` at temperature 1 (``helper.perturb.soft_kl``); KD is the package's (``--temperature``,
+s(x + delta))`` at temperature 1 (``helper.train.perturb.soft_kl``); KD is the package's (``--temperature``,
 ``--kd_reduction``). I-BAU's implicit hypergradient (K = 5 fixed-point steps per outer step) is replaced by
 this alternation: a hypergradient costs K more backward passes per step, and ABD's port showed that the
 alternation is what KD affords every step; measured in bench.py (README).
@@ -27,10 +27,10 @@ image by about L2 3.3; SPEC section 13), ``--adv_lr`` 0.5, ``--adv_beta`` 1.
 import torch
 import torch.nn.functional as F
 
-from helper.defenses.base import Defense, FINE_TUNING, check_adversary
-from helper.engine import optimizer_step
-from helper.evaluate import eval_mode
-from helper.perturb import ascent_step, effect, input_grad, l2_norms, project, random_direction, soft_kl, stamp
+from helper.defenses.base import FINE_TUNING, Defense, check_adversary
+from helper.train.engine import optimizer_step
+from helper.train.evaluate import eval_mode
+from helper.train.perturb import ascent_step, effect, input_grad, l2_norms, project, random_direction, soft_kl, stamp
 
 
 def universal_unlearning_loss(kd, s_pert, t_clean, beta):

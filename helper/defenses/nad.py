@@ -3,7 +3,7 @@
 Stage 1 fine-tunes a copy of the backdoored teacher with KD on the defense images (NAD's "teacher");
 stage 2 trains the student (from the backdoored teacher) with KD against the stage-1 model plus
 ``sum_l beta_l * ||A(F_s,l) - A(F_t,l)||^2`` at the outputs of layer2, layer3 and layer4 (betas 500, 1000,
-1000; ``helper.losses.attention_map``). NAD trains with labels and cross-entropy at lr 0.1; here both
+1000; ``helper.train.losses.attention_map``). NAD trains with labels and cross-entropy at lr 0.1; here both
 stages use the package's KD loss instead (there are no labels) and SGD at lr 0.01 with Nesterov momentum 0.9
 (its optimiser, ``nesterov=True``; see README).
 
@@ -15,9 +15,9 @@ data, which is what moves its stage-1 teacher away from the backdoor; this port 
 import copy
 
 from helper.defenses.base import Defense
-from helper.errors import UserError
-from helper.features import FeatureHooks
-from helper.losses import attention_distillation_loss
+from helper.run.errors import UserError
+from helper.train.features import FeatureHooks
+from helper.train.losses import attention_distillation_loss
 
 
 class NAD(Defense):

@@ -3,7 +3,7 @@ with its inverted trigger stamped on part of every batch and the teacher's clean
 
 1. Before training, for every class, the smallest trigger of the package's family ``x (1 - m) + p m``
    (``m`` in [0, ``--nc_mask_max``], size ``||m||_1``) that sends ``--nc_success`` of the first ``--nc_images``
-   defense images (unaugmented) to that class, on the teacher (``helper.perturb.minimal_trigger``: Adam 0.1,
+   defense images (unaugmented) to that class, on the teacher (``helper.train.perturb.minimal_trigger``: Adam 0.1,
    betas 0.5/0.9, cost 1e-3 adapted x2 up and /2^1.5 down, as its code; ``--nc_passes`` passes, patience 2).
 2. Neural Cleanse's MAD anomaly index over the classes' mask norms; a class below the median with an index
    above ``--nc_threshold`` (2) is flagged, the smallest first. When none is, the run says so and is plain KD.
@@ -21,11 +21,11 @@ the 10 classes costs about one KD epoch on 5,000, so the inversion is about 30 K
 import torch
 from tqdm import tqdm
 
-from helper.data import to_float
-from helper.defenses.base import Defense, FINE_TUNING
-from helper.engine import optimizer_step
-from helper.evaluate import eval_mode
-from helper.perturb import MaskPattern, anomaly_index, effect, flagged_classes, invert_all, minimal_trigger
+from helper.data.images import to_float
+from helper.defenses.base import FINE_TUNING, Defense
+from helper.train.engine import optimizer_step
+from helper.train.evaluate import eval_mode
+from helper.train.perturb import MaskPattern, anomaly_index, effect, flagged_classes, invert_all, minimal_trigger
 
 
 def stamp_share(x, share, family, params):

@@ -45,11 +45,11 @@ import math
 import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
-from helper.data import to_float
+from helper.data.images import to_float
 from helper.defenses.base import Defense, Stage
-from helper.errors import UserError
-from helper.features import FeatureHooks
-from helper.system import autocast
+from helper.run.errors import UserError
+from helper.run.system import autocast
+from helper.train.features import FeatureHooks
 
 GROUPS = "layer1,layer2,layer3,layer4"
 

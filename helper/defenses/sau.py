@@ -1,7 +1,7 @@
 """Shared Adversarial Unlearning (NeurIPS 2023) during KD: the frozen teacher is SAU's reference model, the
 student the model being purified.
 
-Each step, per-sample PGD (``helper.perturb.shared_pgd``: L-inf ball ``--adv_radius`` 0.2, ``--adv_steps`` 5
+Each step, per-sample PGD (``helper.train.perturb.shared_pgd``: L-inf ball ``--adv_radius`` 0.2, ``--adv_steps`` 5
 signed steps of ``--adv_lr`` 0.2 from ``+radius``, ``--sau_beta1`` 0.01 on the adversarial CE and
 ``--sau_beta2`` 1 on the JS term) searches *shared* adversarial examples: perturbations that send the student
 and the teacher to the same wrong class. The label of SAU's terms is the teacher's answer on the clean image.
@@ -20,9 +20,9 @@ cosine, batch 256, weight decay 0.
 import torch
 
 from helper.defenses.base import Defense, check_adversary
-from helper.engine import optimizer_step
-from helper.evaluate import eval_mode
-from helper.perturb import effect, shared_masks, shared_pgd, sau_shared_loss, stamp
+from helper.train.engine import optimizer_step
+from helper.train.evaluate import eval_mode
+from helper.train.perturb import effect, sau_shared_loss, shared_masks, shared_pgd, stamp
 
 
 class SAU(Defense):

@@ -1,0 +1,390 @@
+"""The ADBA attack (SPEC section 8): a backdoored teacher, a shadow student and a learned trigger, trained together.
+
+Per batch of augmented training images, three SGD steps in the order of the public ADBA code:
+
+1. teacher: ``CE(T(x), y) + beta * CE(T(trigger(x)), target)``, the trigger detached;
+2. shadow:  ``alpha * KD(S(x), T(x)) + (1 - alpha) * CE(S(x), y)``, T(x) the teacher's logits of step 1;
+3. trigger (teacher and shadow in eval mode): ``CE(T(trigger(x)), target) + CE(S(trigger(x)), target)
+   + miu * ||mask||_1``, then pattern clamped to [0, 1] and mask to [0, mask_max].
+
+Then the consolidation phase: plain CE on the teacher, the first ``poison_rate`` of every batch carrying
+the trigger and the target label. ``run(args)`` is the whole of ``adba.py``.
+
+The trigger can vanish: ``||mask||_1`` is a sum over the 1024 mask pixels, so its gradient is ``miu`` on
+every positive pixel, and SGD pulls each pixel down by ``lr * miu`` per step wherever the cross-entropy
+gradient on it is weaker. Every epoch logs the mask's L1 norm, the share of pixels above 0.01 and
+PSNR/SSIM between clean and triggered test images; ``trigger_vanished`` says when nothing is left.
+"""
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from helper.attacks.options import attack_defaults, check_attack_args
+from helper.data import images as D
+from helper.data.teacher_dir import write_teacher
+from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger
+from helper.report.plot import plot_attack_curves, plot_trigger
+from helper.run.checkpoint import save_checkpoint
+from helper.run.errors import Stopped, UserError
+from helper.run.interrupt import stop_on_signals
+from helper.run.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
+from helper.run.runlog import read_jsonl, write_json
+from helper.run.system import autocast, eval_batch_size, run_environment, setup
+from helper.train.engine import fit, optimizer_step, run_epoch
+from helper.train.evaluate import EvalSet, evaluate
+from helper.train.losses import kd_loss
+from helper.train.metrics import psnr_per_image, ssim
+from models import resnet18
+
+# ---------------------------------------------------------------- the trigger
+
+def init_trigger(device, generator=None):
+    """ADBA's start: mask zeros (1,32,32), pattern N(0,1) clamped to [0,1]; both leaf tensors that need grad."""
+    pattern = torch.randn(PATTERN_SHAPE, generator=generator).clamp_(0, 1).to(device).requires_grad_(True)
+    mask = torch.zeros(MASK_SHAPE, device=device, requires_grad=True)
+    return pattern, mask
+
+
+@torch.no_grad()
+def clamp_trigger_(pattern, mask, mask_max=0.3):
+    pattern.clamp_(0, 1)
+    mask.clamp_(0, mask_max)
+
+
+def trigger_vanished(stats, vanish_psnr=50.0):
+    """True when no mask pixel exceeds ``TRIGGER_PIXEL`` or triggered test images are within ``vanish_psnr`` dB of clean.
+
+    Both say the same thing: the triggered image equals the clean one, so an "ASR" measured with it
+    is only the model's bias toward the target class. (PSNR 50 dB is a mean squared change of 1e-5,
+    e.g. one pixel moved by a third of the range; the paper's trigger has 24.46 dB.)
+    """
+    p = stats["psnr"]
+    return stats["mask_share"] == 0 or p is None or not math.isfinite(p) or p >= vanish_psnr
+
+
+INERT_ASR = 0.2  # a teacher whose own ASR non-target is below this carries no backdoor a defense could remove
+
+
+def inert_trigger_warning(asr_nontarget, stats, attack=None, vanish_psnr=50.0):
+    """The warning a defense run gives before training when its teacher's backdoor is no test of removal, or None:
+    the teacher's ASR non-target is below ``INERT_ASR`` or the trigger has vanished (``trigger_vanished``:
+    triggered test images within ``vanish_psnr`` dB of clean ones). ``attack`` 'none' (a clean teacher) names the
+    cause."""
+    reasons = []
+    if asr_nontarget < INERT_ASR:
+        reasons.append(f"the teacher's ASR non-target is {asr_nontarget:.3f} (below {INERT_ASR})")
+    if trigger_vanished(stats, vanish_psnr):
+        p = stats["psnr"]
+        reasons.append(f"triggered test images are {p:.1f} dB from clean ones (>= {vanish_psnr:g} dB)"
+                       if p is not None and p >= vanish_psnr else f"no mask pixel is above {TRIGGER_PIXEL}")
+    if not reasons:
+        return None
+    cause = ("the teacher is a clean model, adba.py --attack none: its ASR is the floor, not a backdoor"
+             if attack == "none" else "a teacher from a short or failed attack run is the usual cause")
+    return f"{' and '.join(reasons)}: the run's ASR says nothing about removal ({cause})"
+
+
+@torch.no_grad()
+def trigger_stats(pattern, mask, clean, vanish_psnr=50.0, chunk=1000, with_ssim=True):
+    """Mask L1 (sum), max and share of pixels above 0.01; PSNR and SSIM between ``clean`` (uint8) and triggered.
+
+    PSNR is the mean over the images the trigger changes (as ``metrics.psnr``; inf when it changes none, e.g. an
+    all-zero mask), SSIM the mean over all of ``clean`` (chunked: batch means weighted by batch size). ``vanished`` applies ``trigger_vanished``. ``with_ssim=False``
+    leaves SSIM out (None): on 10,000 images it takes the CPU most of a minute, PSNR a second.
+    """
+    pattern, mask = pattern.detach().float(), mask.detach().float()
+    stats = {"mask_l1": mask.abs().sum().item(), "mask_max": mask.max().item(),
+             "mask_share": (mask > TRIGGER_PIXEL).float().mean().item()}
+    total_p = total_s = 0.0
+    n, n_changed = len(clean), 0
+    for i in range(0, n, chunk):
+        x = D.to_float(clean[i:i + chunk])
+        xt = apply_trigger(x, pattern.to(x.device), mask.to(x.device)).clamp_(0, 1)
+        values = psnr_per_image(x, xt)
+        changed = values[values.isfinite()]  # pairs the trigger changes (``psnr``: identical ones are left out)
+        total_p, n_changed = total_p + changed.sum().item(), n_changed + len(changed)
+        total_s += ssim(x, xt) * len(x) if with_ssim else 0.0
+    stats["psnr"] = (total_p / n_changed if n_changed else math.inf) if n else float("nan")
+    stats["ssim"] = (total_s / n if n else float("nan")) if with_ssim else None
+    stats["vanished"] = trigger_vanished(stats, vanish_psnr)
+    return stats
+
+
+# ---------------------------------------------------------------- one step of each phase
+
+class ADBA:
+    """Teacher, shadow, trigger and their three optimisers; ``step`` is one batch of the joint phase.
+
+    ``detach_shadow_kd`` reproduces the public ADBA code, which detaches both inputs of the shadow's
+    KD term: the term then carries no gradient and the shadow trains on ``(1 - alpha) * CE`` alone.
+    """
+
+    def __init__(self, teacher, shadow, pattern, mask, target, alpha=0.4, beta=0.3, miu=0.1, mask_max=0.3,
+                 temperature=1.0, kd_reduction="batchmean", detach_shadow_kd=False, lr=0.01, trigger_lr=None,
+                 momentum=0.9, weight_decay=0.0, amp=None):
+        self.teacher, self.shadow, self.pattern, self.mask = teacher, shadow, pattern, mask
+        self.target, self.alpha, self.beta, self.miu, self.mask_max = int(target), alpha, beta, miu, mask_max
+        self.temperature, self.kd_reduction, self.detach_shadow_kd, self.amp = temperature, kd_reduction, detach_shadow_kd, amp
+        sgd = dict(momentum=momentum, weight_decay=weight_decay)
+        self.opt_teacher = torch.optim.SGD(teacher.parameters(), lr=lr, **sgd)
+        self.opt_shadow = torch.optim.SGD(shadow.parameters(), lr=lr, **sgd)
+        self.opt_trigger = torch.optim.SGD([pattern, mask], lr=lr if trigger_lr is None else trigger_lr, momentum=momentum)
+
+    def triggered(self, x, detach=True):
+        p, m = (self.pattern.detach(), self.mask.detach()) if detach else (self.pattern, self.mask)
+        return apply_trigger(x, p, m)
+
+    def teacher_step(self, x, y):
+        """Step 1; returns (loss, the teacher's clean logits, detached) for the shadow's KD term."""
+        t = self.teacher.train()
+        target = torch.full_like(y, self.target)
+        with autocast(x.device, self.amp):
+            logits = t(x)
+            logits_trig = t(self.triggered(x))  # a separate forward, as the public code (own BN batch statistics)
+        loss = F.cross_entropy(logits.float(), y) + self.beta * F.cross_entropy(logits_trig.float(), target)
+        optimizer_step(self.opt_teacher, loss)
+        return loss.detach(), logits.detach()
+
+    def shadow_loss(self, x, y, teacher_logits):
+        """Step 2's loss (not stepped): ``alpha * KD + (1 - alpha) * CE``; the KD term, detached or not."""
+        with autocast(x.device, self.amp):
+            s_logits = self.shadow.train()(x)
+        kd_input = s_logits.detach() if self.detach_shadow_kd else s_logits
+        kd = kd_loss(kd_input, teacher_logits, self.temperature, self.kd_reduction)
+        return self.alpha * kd + (1 - self.alpha) * F.cross_entropy(s_logits.float(), y), kd
+
+    def shadow_step(self, x, y, teacher_logits):
+        loss, kd = self.shadow_loss(x, y, teacher_logits)
+        optimizer_step(self.opt_shadow, loss)
+        return loss.detach(), kd.detach()
+
+    def trigger_step(self, x):
+        """Step 3: both models in eval mode; only pattern and mask get gradients (no weight gradients computed)."""
+        self.teacher.eval()
+        self.shadow.eval()
+        target = torch.full((len(x),), self.target, device=x.device, dtype=torch.long)
+        xm = self.triggered(x, detach=False)
+        with autocast(x.device, self.amp):
+            lt, ls = self.teacher(xm), self.shadow(xm)
+        loss = (F.cross_entropy(lt.float(), target) + F.cross_entropy(ls.float(), target)
+                + self.miu * self.mask.abs().sum())
+        self.opt_trigger.zero_grad(set_to_none=True)
+        self.pattern.grad, self.mask.grad = torch.autograd.grad(loss, [self.pattern, self.mask])
+        self.opt_trigger.step()
+        clamp_trigger_(self.pattern, self.mask, self.mask_max)
+        return loss.detach()
+
+    def step(self, x, y):
+        """One batch of the joint phase: teacher, shadow, trigger; the four losses as device tensors."""
+        loss_t, t_logits = self.teacher_step(x, y)
+        loss_s, kd = self.shadow_step(x, y, t_logits)
+        loss_g = self.trigger_step(x)
+        return {"teacher_loss": loss_t, "shadow_loss": loss_s, "shadow_kd": kd, "trigger_loss": loss_g}
+
+
+def poison_batch(x, y, pattern, mask, target, poison_rate=0.3):
+    """The first ``ceil(poison_rate * batch)`` images of a batch triggered and relabelled to the target (new tensors)."""
+    k = math.ceil(len(x) * poison_rate)
+    return (torch.cat([apply_trigger(x[:k], pattern, mask), x[k:]]),
+            torch.cat([torch.full_like(y[:k], int(target)), y[k:]]))
+
+
+def consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate=0.3, amp=None):
+    """Plain CE on a batch whose first ``ceil(poison_rate * batch)`` images carry the trigger and the target label."""
+    x, y = poison_batch(x, y, pattern, mask, target, poison_rate)
+    with autocast(x.device, amp):
+        logits = teacher.train()(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer_step(optimizer, loss)
+    return loss.detach()
+
+
+def _epoch_batches(train, batch_size, generator, mem_format, progress, desc):
+    """``((x, y), batch size)`` of one epoch, augmented, over a seeded permutation; the last batch may be short."""
+    for x, idx in D.augmented_batches(train.x, batch_size, generator, mem_format, progress, desc):
+        yield (x, train.y[idx]), len(idx)
+
+
+def train_adba_epoch(adba, train, batch_size, generator, mem_format, progress=True):
+    """One pass of the joint phase; the epoch's mean losses, with one host sync."""
+    return run_epoch(adba.step, _epoch_batches(train, batch_size, generator, mem_format, progress, "adba batches"))
+
+
+def consolidate_epoch(teacher, optimizer, train, pattern, mask, target, poison_rate, batch_size, generator,
+                      mem_format, amp=None, progress=True):
+    def step(x, y):
+        return {"teacher_loss": consolidation_step(teacher, optimizer, x, y, pattern, mask, target, poison_rate, amp)}
+    return run_epoch(step, _epoch_batches(train, batch_size, generator, mem_format, progress, "consolidation batches"))
+
+
+# ---------------------------------------------------------------- the run
+
+def load_data(args):
+    """(train, test, num_classes) of the attack's dataset, checked against --target_label."""
+    train, test = D.load_splits(args.dataset, data_root=args.data_root, role="task", download=not args.no_download,
+                                synthetic_seed=args.synthetic_seed, synthetic_train=args.synthetic_train,
+                                synthetic_test=args.synthetic_test)
+    if len(train) < 2 or len(test) < 1:
+        raise UserError(f"{args.dataset} has {len(train)} training and {len(test)} test images; the attack needs "
+                        f"at least 2 and 1")
+    num_classes = D.NUM_CLASSES.get(args.dataset, int(max(train.y.max(), test.y.max())) + 1)
+    if int(train.y.min()) < 0:
+        raise UserError(f"{args.dataset} has negative labels")
+    if args.target_label >= num_classes:
+        raise UserError(f"--target_label {args.target_label} is not a class of {args.dataset} ({num_classes} classes)")
+    return train, test, num_classes
+
+
+def _fmt(m, vanished):
+    asr = f"asr {m['asr']:.4f}  asr_nt {m['asr_nontarget']:.4f}"
+    return f"acc {m['acc']:.4f}  " + (f"[{asr}: no trigger, a bias only]" if vanished else asr)
+
+
+def run(args, out=print):
+    """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
+    check_attack_args(args)
+    device, amp, mem_format = setup(args)
+    train, test, num_classes = load_data(args)
+    consolidation_epochs = args.epochs if args.consolidation_epochs is None else args.consolidation_epochs
+
+    meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
+            "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
+    try:
+        out_dir, last = open_or_resume(args, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out,
+                                       attack_defaults(args), device=device)
+    except Finished as done:
+        out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
+        return done.results
+    out(f"device {device} ({meta['precision']}), width {args.width}, {len(train)} training and {len(test)} test images, "
+        f"{args.epochs} + {consolidation_epochs} epochs, target {args.target_label}")
+
+    cpu_gen = torch.Generator().manual_seed(args.seed)
+    teacher = resnet18(num_classes, args.width).to(device, memory_format=mem_format)
+    shadow = resnet18(num_classes, args.width).to(device, memory_format=mem_format)
+    pattern, mask = init_trigger(device, cpu_gen)
+    adba = ADBA(teacher, shadow, pattern, mask, args.target_label, args.alpha, args.beta, args.miu, args.mask_max,
+                args.temperature, args.kd_reduction, args.detach_shadow_kd, args.lr, args.trigger_lr, args.momentum,
+                args.weight_decay, amp)
+    optimizers = (adba.opt_teacher, adba.opt_shadow, adba.opt_trigger)
+    train, test_x = train.to(device), test.x.to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
+    progress = not args.no_progress
+    log_path = os.path.join(out_dir, "log.jsonl")
+    rows, next_epoch = [], 0
+    if last is not None:  # --resume: models, trigger, optimizers, RNGs, the next epoch
+        teacher.load_state_dict(last["teacher"])
+        shadow.load_state_dict(last["shadow"])
+        with torch.no_grad():
+            pattern.copy_(last["pattern"])
+            mask.copy_(last["mask"])
+        for opt, state in zip(optimizers, last["optimizers"]):
+            opt.load_state_dict(state)
+        set_rng_states(generator, last["rng"], device)
+        rows, next_epoch = read_jsonl(log_path), last["epoch"]
+    warned = any(r.get("vanished") for r in rows)
+    start = time.time() - (last["elapsed"] if last else 0.0)
+
+    def evaluate_epoch(epoch, phase, with_shadow):
+        nonlocal warned
+        p, m = pattern.detach(), mask.detach()
+        stats = trigger_stats(p, m, test_x, args.vanish_psnr)
+        eval_set = EvalSet.build(test, p, m, args.target_label, device)
+        row = evaluate(teacher, eval_set, **eval_kw)
+        line = f"{phase} epoch {epoch:3d}  teacher {_fmt(row, stats['vanished'])}"
+        if with_shadow:
+            s_metrics = evaluate(shadow, eval_set, **eval_kw)
+            row.update({f"shadow_{k}": v for k, v in s_metrics.items()})
+            line += f"  | shadow {_fmt(s_metrics, stats['vanished'])}"
+        tqdm.write(line + f"  | mask L1 {stats['mask_l1']:.3f} share>0.01 {stats['mask_share']:.3f} "
+                          f"psnr {stats['psnr']:.2f} ssim {stats['ssim']:.4f}")
+        if stats["vanished"] and not warned:
+            tqdm.write(f"WARNING: the trigger has vanished (mask L1 {stats['mask_l1']:.4f}, max pixel "
+                       f"{stats['mask_max']:.4f}, PSNR {stats['psnr']:.1f} dB): triggered images equal clean ones; "
+                       f"lower --miu or raise --trigger_lr")
+            warned = True
+        return {**row, **stats, "time_s": round(time.time() - start, 3)}
+
+    def save_last_epoch(epoch, result):
+        if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs + consolidation_epochs:
+            save_last(out_dir, {"epoch": epoch + 1, "teacher": teacher.state_dict(), "shadow": shadow.state_dict(),
+                                "pattern": pattern.detach(), "mask": mask.detach(),
+                                "optimizers": [o.state_dict() for o in optimizers],
+                                "rng": rng_states(generator, device),
+                                "n_rows": len(rows) + len(result.rows), "elapsed": time.time() - start})
+
+    def phase(name, epochs, train_epoch, with_shadow):
+        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), log_path, progress=progress,
+                     desc=f"{name} epochs", out=None, extra={"phase": name}, after_epoch=save_last_epoch)
+        rows.extend(result.rows)
+        if result.stopped == "interrupted":
+            save_checkpoint(teacher, os.path.join(out_dir, "checkpoint.pkl"))
+            write_json(os.path.join(out_dir, "results.json"), {"stopped": "interrupted", "epochs_run": len(rows)})
+            raise Stopped(f"interrupted by {signal.Signals(result.signum).name} after {len(rows)} of "
+                          f"{args.epochs + consolidation_epochs} epochs; what was written is kept in {out_dir}; "
+                          f"continue with: {resume_hint(out_dir)}", result.signum)
+        if result.stopped:
+            raise UserError(f"{result.stopped.replace('epoch', name + ' epoch')}; stopped, what was written is kept "
+                            f"in {out_dir} (try a smaller --lr)")
+
+    with stop_on_signals():
+        phase("adba", range(next_epoch, args.epochs),
+              lambda e: train_adba_epoch(adba, train, args.batch_size, generator, mem_format, progress), True)
+        # the trigger is fixed from here on (pattern and mask are no longer stepped)
+        p, m = pattern.detach().clone(), mask.detach().clone()
+        phase("consolidation", range(max(next_epoch, args.epochs), args.epochs + consolidation_epochs),
+              lambda e: consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label,
+                                          args.poison_rate, args.batch_size, generator, mem_format, amp, progress),
+              False)
+    train_time = time.time() - start
+    joint = [r for r in rows if r["phase"] == "adba"]
+    phase1 = {k: joint[-1][k] for k in ("acc", "asr", "asr_nontarget")} if joint else {}
+
+    metrics = _final_metrics(teacher, shadow, test, p, m, args, device, eval_kw, rows, phase1, train_time)
+    write_teacher(out_dir, teacher, p, m)
+    save_checkpoint(shadow, os.path.join(out_dir, "shadow.pkl"))
+    plot_attack_curves(rows, os.path.join(out_dir, "curves.png"), f"ADBA, width {args.width}, {args.dataset}")
+    shown = test.x[:8].to(device)
+    plot_trigger(p.cpu(), m.cpu(), D.to_float(shown).cpu(), apply_trigger(D.to_float(shown), p, m).cpu(),
+                 os.path.join(out_dir, "trigger.png"))
+    write_json(os.path.join(out_dir, "results.json"), metrics)  # last: a results.json means every file is whole
+    _report(metrics, args.target_label, out_dir, out)
+    return metrics
+
+
+def _final_metrics(teacher, shadow, test, pattern, mask, args, device, eval_kw, rows, phase1, train_time):
+    stats = trigger_stats(pattern, mask, test.x.to(device), args.vanish_psnr)
+    eval_set = EvalSet.build(test, pattern, mask, args.target_label, device)
+    t, s = evaluate(teacher, eval_set, **eval_kw), evaluate(shadow, eval_set, **eval_kw)
+    metrics = {"attack": "adba", **t, **{f"shadow_{k}": v for k, v in s.items()},
+               "psnr": stats["psnr"], "ssim": stats["ssim"], "mask_l1": stats["mask_l1"],
+               "mask_max": stats["mask_max"], "mask_share": stats["mask_share"],
+               "trigger_vanished": stats["vanished"], "phase1": phase1,
+               "epochs": args.epochs, "consolidation_epochs": len(rows) - args.epochs,
+               "train_time_s": round(train_time, 2)}
+    if stats["vanished"]:
+        metrics["note"] = ("the trigger vanished: triggered images equal clean ones, so asr measures only the "
+                           "models' bias toward the target class, not a backdoor")
+    return metrics
+
+
+def _report(m, target, out_dir, out):
+    out(f"trigger: mask L1 {m['mask_l1']:.3f}, max {m['mask_max']:.3f}, share of pixels > {TRIGGER_PIXEL} "
+        f"{m['mask_share']:.3f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}")
+    if m["trigger_vanished"]:
+        out("TRIGGER VANISHED: the mask is (almost) zero and triggered images equal clean ones. There is no backdoor "
+            f"to measure: the teacher's 'asr' {m['asr']:.4f} is its bias toward class {target} "
+            f"(clean non-target images sent to the target: {m['target_rate_clean']:.4f}).")
+        out(f"teacher acc {m['acc']:.4f}; shadow acc {m['shadow_acc']:.4f}")
+    else:
+        out(f"teacher: acc {m['acc']:.4f}  asr {m['asr']:.4f}  asr_nontarget {m['asr_nontarget']:.4f}  "
+            f"(clean non-target images sent to the target: {m['target_rate_clean']:.4f})")
+        out(f"shadow:  acc {m['shadow_acc']:.4f}  asr {m['shadow_asr']:.4f}  "
+            f"asr_nontarget {m['shadow_asr_nontarget']:.4f}")
+    out(f"written to {out_dir} (train time {m['train_time_s']:.0f} s); distil it with: "
+        f"python distri.py --read_dir {out_dir}")

@@ -1,0 +1,247 @@
+"""The defense run of distri.py: any registered defense (``helper.defenses``) of a frozen backdoored teacher."""
+import copy
+import os
+import signal
+import time
+
+import torch
+
+from helper.attacks.adba import inert_trigger_warning, trigger_stats
+from helper.data import images as D
+from helper.data.teacher_dir import read_teacher, teacher_attack, write_teacher
+from helper.defenses import DEFENSES
+from helper.defenses.options import check_args
+from helper.jobs.retune import retune_results, retune_set
+from helper.report.aggregate import asr_last10
+from helper.report.attention import write_run_attention
+from helper.report.plot import plot_curves
+from helper.run.errors import Stopped, UserError
+from helper.run.interrupt import stop_on_signals
+from helper.run.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
+from helper.run.runlog import atomic_torch_save, read_jsonl, write_json
+from helper.run.system import eval_batch_size, eval_every, run_environment, setup
+from helper.train.engine import Fit, fit, image_epoch
+from helper.train.evaluate import EvalSet, conv_weight_norm, evaluate
+from models import resnet18
+
+METRICS = ("acc", "asr", "asr_nontarget", "ra")
+
+
+def load_inputs(args):
+    """Everything a run reads, checked before its folder is made: teacher, trigger (``--trigger_dir``'s when given),
+    test set, defense images, and with ``--retune`` the re-tuning set (``helper.jobs.retune.retune_set``), else None."""
+    teacher, pattern, mask = read_teacher(args.read_dir, args.width, args.thresh_mask, args.trigger_dir)
+    task_train, task_test, defense = load_data(args)
+    if not 0 <= args.target_label < teacher.num_classes:
+        raise UserError(f"--target_label {args.target_label} is not a class of the {teacher.num_classes}-class teacher")
+    if len(task_test) and int(task_test.y.max()) >= teacher.num_classes:
+        raise UserError(f"{args.dataset} has labels up to {int(task_test.y.max())} but the teacher has "
+                        f"{teacher.num_classes} classes: --dataset must be what the teacher was trained on")
+    retune_data = (retune_set(task_train, args.retune_images, args.retune_poison, args.target_label, args.seed)
+                   if args.retune else None)
+    return teacher, pattern, mask, task_test, defense, retune_data
+
+
+def load_data(args):
+    """(the teacher's train split, its test split, the defense images) as the Data flags name them."""
+    kw = dict(data_root=args.data_root, download=not args.no_download, synthetic_seed=args.synthetic_seed,
+              synthetic_train=args.synthetic_train, synthetic_test=args.synthetic_test)
+    task_train, task_test = D.load_splits(args.dataset, role="task", **kw)
+    if not len(task_test):
+        raise UserError(f"--dataset {args.dataset} has no test images: Acc and ASR would be measured on nothing")
+    if args.finetune_in_out == "in":
+        defense_train, defense_test = task_train, task_test
+    else:
+        defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", flag="--finetunedata", **kw)
+    pool = D.defense_pool(defense_train, defense_test, args.finetune_extend)
+    return task_train, task_test, D.seeded_subset(pool, args.subset_rate, args.seed, args.defense_size)
+
+
+def _run_name(args):
+    name = "kd" if args.defense == "asd" and args.ratio_type == "fix" else args.defense
+    return name + (f"-{args.msg}" if args.msg else "")
+
+
+def _metrics_line(label, m):
+    return f"{label:<17}" + "  ".join(f"{k} {m[k]:.4f}" for k in METRICS)
+
+
+def parser_defaults(args):
+    """The defaults of the run's defense's flags (what a flag newer than a resumed run was, in effect)."""
+    from helper.defenses.options import defense_parser
+    argv = ["--defense", args.defense]
+    return vars(defense_parser(argv).parse_args(argv))
+
+
+def run(args, out=print):
+    """A whole defense run; returns the results dict (also written to results.json)."""
+    check_args(args)
+    device, amp, mem_format = setup(args, needs_fp32=DEFENSES[args.defense].needs_fp32(args))
+    every = eval_every(device, args.eval_every)  # --eval_every auto: decided here, on the run's own device
+    teacher, pattern, mask, test_split, defense_split, retune_data = load_inputs(args)
+    teacher = teacher.to(device, memory_format=mem_format)
+    if args.using_checkpoint:
+        student = copy.deepcopy(teacher)
+    else:
+        student = resnet18(teacher.num_classes, teacher.width).to(device, memory_format=mem_format)
+    student.requires_grad_(True)
+    images = defense_split.x.to(device)
+    defense = DEFENSES[args.defense](args, teacher, device, amp, len(images), images)
+    prepared = defense.prepare(student)
+    stages = defense.stages(student)
+    eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
+    select_from = args.select_from if args.epoch > args.select_from else 0
+
+    meta = {**run_environment(device, amp), "n_defense": len(images), "n_test": len(eval_set.labels),
+            "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
+            "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from,
+            "eval_every_effective": every}
+    try:
+        out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out, parser_defaults(args),
+                                       resolved={"eval_every": every}, device=device)
+    except Finished as done:
+        out(f"{args.output_dir} is a finished run (results.json); nothing to resume")
+        defense.close()
+        return done.results
+    out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['precision']}), defense {args.defense}, "
+        f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
+        + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
+    if DEFENSES[args.defense].needs_fp32(args) and amp is not None:
+        out(f"warning: --amp {args.amp}: ASL's gradient follows rounding noise in {meta['precision']} (README, "
+            f"'ASD's precision'); --amp auto computes ASD in fp32")
+    if select_from != args.select_from:
+        out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "
+            f"the result is selected over all epochs")
+
+    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
+    teacher_metrics = evaluate(teacher, eval_set, **eval_kw)
+    init_metrics = evaluate(student, eval_set, **eval_kw)
+    out(_metrics_line("teacher:", teacher_metrics))
+    out(_metrics_line("student (start):", init_metrics))
+    results = {**{f"teacher_{k}": teacher_metrics[k] for k in METRICS}, "student_init": init_metrics,
+               "defense": args.defense, "ratio_type": getattr(args, "ratio_type", None), "n_defense": len(images),
+               "select_from": select_from, **prepared}
+    # a teacher without a working backdoor (a clean one, a failed attack) is no test of a defense: say so before training
+    attack = teacher_attack(args.read_dir)
+    trigger = trigger_stats(pattern, mask, eval_set.clean, with_ssim=False)
+    results.update(teacher_attack=attack, trigger_dir=args.trigger_dir, trigger_psnr=trigger["psnr"])
+    warning = inert_trigger_warning(teacher_metrics["asr_nontarget"], trigger, attack)
+    if warning:
+        out(f"warning: {warning}")
+        results["warnings"] = [warning]
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    progress = not args.no_progress
+    first_stage, first_epoch, rows, selection = 0, 0, [], Fit()  # selection: the last stage's Fit
+    if last is not None:  # --resume: every stage's model and optimizer, the lr drop, the RNGs, the selection
+        for stage, model, opt, dropped in zip(stages, last["models"], last["optimizers"], last["lr_drops"]):
+            stage.model.load_state_dict(model)
+            stage.optimizer.load_state_dict(opt)
+            stage.lr_drop.restore(dropped)
+        set_rng_states(generator, last["rng"], device)
+        defense.restore(last.get("defense", {}))
+        first_stage, first_epoch, rows = last["stage"], last["epoch"], read_jsonl(log_path)
+        selection = Fit(best=last["best"], best_state=last["best_state"])
+    start = time.time() - (last["elapsed"] if last else 0.0)
+
+    def save_last_epoch(i, epoch, fit_result):
+        stage = stages[i]
+        if (epoch + 1) % args.checkpoint_every and epoch + 1 < stage.epochs:
+            return
+        nxt = (i, epoch + 1) if epoch + 1 < stage.epochs else (i + 1, 0)
+        save_last(out_dir, {"stage": nxt[0], "epoch": nxt[1], "models": [s.model.state_dict() for s in stages],
+                            "optimizers": [s.optimizer.state_dict() for s in stages],
+                            "lr_drops": [s.lr_drop.state() for s in stages], "rng": rng_states(generator, device),
+                            "best": fit_result.best, "best_state": fit_result.best_state,
+                            "n_rows": len(rows) + len(fit_result.rows), "elapsed": time.time() - start,
+                            "defense": defense.state()})
+
+    try:
+        with stop_on_signals():
+            for i, stage in enumerate(stages):
+                if i < first_stage:
+                    continue
+
+                def train_epoch(epoch, stage=stage):
+                    schedule = stage.begin(epoch)
+                    stage.model.train(args.opt_lr > 0)  # --opt_lr 0 trains nothing, batch-norm statistics included
+                    means = image_epoch(stage.step, images, args.batch_size, generator, mem_format, progress)
+                    stage.end(epoch, means)
+                    return {**means, **schedule}
+
+                def evaluate_epoch(epoch, stage=stage):
+                    full = (epoch + 1) % every == 0 or epoch == stage.epochs - 1
+                    model = defense.evaluated_model(stage.model)  # stage.model unless the defense reports another
+                    return {**(evaluate(model, eval_set, **eval_kw) if full else {}),
+                            "conv_weight_norm": conv_weight_norm(model), "diag": defense.diagnostics(model),
+                            "time_s": round(time.time() - start, 3)}
+
+                is_last = i == len(stages) - 1
+                result = fit(range(first_epoch if i == first_stage else 0, stage.epochs), train_epoch, evaluate_epoch,
+                             log_path, select_key="kd_loss" if is_last else None, select_from=select_from,
+                             state=lambda: {k: v.detach().clone()
+                                            for k, v in defense.evaluated_model(student).state_dict().items()},
+                             progress=progress, desc=f"{stage.name or args.defense} epochs",
+                             extra={"stage": stage.name} if stage.name else None,
+                             result=selection if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
+                rows += result.rows
+                result.rows = []
+                if result.stopped == "interrupted":
+                    results["stopped"] = "interrupted"
+                    _finish(out_dir, rows, results, result.best, result.best_state, defense.evaluated_model(student),
+                            pattern, mask, args, stages, start)
+                    done = len([r for r in rows if "stage" not in r])
+                    raise Stopped(f"interrupted by {signal.Signals(result.signum).name} with {done} of {args.epoch} "
+                                  f"epochs done; what was written is kept in {out_dir}; continue with: "
+                                  f"{resume_hint(out_dir)}", result.signum)
+                if result.stopped:
+                    results["stopped"] = result.stopped
+                    _finish(out_dir, rows, results, None, None, None, pattern, mask, args, stages, start)
+                    raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir}")
+    finally:
+        defense.close()
+    if args.epoch == 0:  # no training: the prepared student is the result (CLP alone, BCU's re-initialisation alone)
+        results.update({k: init_metrics[k] for k in (*METRICS, "top_class_share")}, best_epoch=None, kd_loss=None)
+        selection.best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    if selection.best is not None and "acc" not in selection.best:  # --eval_every skipped it: evaluate it now
+        selected = copy.deepcopy(student)
+        selected.load_state_dict(selection.best_state)
+        selection.best = {**selection.best, **evaluate(selected, eval_set, **eval_kw)}
+        results["selected_evaluated_at_end"] = True
+    if args.retune:  # the re-tuning attack on a copy of the selected student; selected.pkl is written as selected
+        selected = copy.deepcopy(student)
+        if selection.best_state is not None:
+            selected.load_state_dict(selection.best_state)
+        results.update(retune_results(selected, *retune_data, pattern, mask, eval_set, args, amp, mem_format, eval_kw, out))
+    write_run_attention(out_dir, teacher, student, selection.best_state, test_split, pattern, mask, args.target_label, out)
+    return _finish(out_dir, rows, results, selection.best, selection.best_state, defense.evaluated_model(student),
+                   pattern, mask, args, stages, start, out)
+
+
+def _finish(out_dir, rows, results, best, best_state, student, pattern, mask, args, stages, start, out=None):
+    """Write the checkpoints, curves.png and, last, results.json; print the selected result."""
+    if best is not None:
+        results.update({k: best[k] for k in (*METRICS, "top_class_share", "kd_loss")}, best_epoch=best["epoch"])
+    final = [r for r in rows if "stage" not in r]
+    if final:
+        results["final"] = {k: final[-1].get(k) for k in ("epoch", *METRICS, "kd_loss")}
+        results["asr_last10_mean"] = asr_last10(final)
+    results.update(lr_dropped_at=stages[-1].lr_drop.dropped_at, epochs_run=len(final),
+                   train_time_s=round(time.time() - start, 2))
+    if student is not None:
+        write_teacher(out_dir, student, pattern, mask)
+    if best_state is not None:
+        atomic_torch_save([{k: v.cpu() for k, v in best_state.items()}], os.path.join(out_dir, "selected.pkl"))
+    if final:
+        title = f"{_run_name(args)}: selected epoch {results.get('best_epoch')}"
+        plot_curves(final, os.path.join(out_dir, "curves.png"), title, results.get("best_epoch"))
+    write_json(os.path.join(out_dir, "results.json"), results)  # last: a results.json means every file is whole
+    if out is not None and best is not None:
+        out(f"result (epoch {best['epoch']}, lowest KD loss {best['kd_loss']:.4f} from epoch {results['select_from']}): "
+            + "  ".join(f"{k} {best[k]:.4f}" for k in METRICS))
+        if best.get("top_class_share", 0) >= 0.99:
+            out(f"warning: at the selected epoch the student gives one class to {best['top_class_share']:.1%} of the "
+                f"clean test images: its output no longer depends on its input, so its ASR says nothing about the backdoor")
+        out(f"written to {out_dir}")
+    return results

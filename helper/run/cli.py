@@ -1,0 +1,120 @@
+"""The flag groups every entry script shares (Data, System, Output) and the argument types they use.
+
+The parsers built from them: ``helper.defenses.options`` (distri.py), ``helper.attacks.options`` (adba.py),
+``helper.jobs.scan`` (scan.py), ``helper.jobs.reproduce`` (reproduce.py), ``helper.jobs.bench`` (bench.py).
+Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_lr``, ``--epoch``, ...).
+"""
+import argparse
+
+TEMPERATURES = (0.05, 1000.0)  # KD temperatures a run accepts
+
+
+def rate_value(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
+    return value
+
+
+def eval_every_value(text):
+    """``--eval_every``: a number of epochs, or ``auto`` (``helper.run.system.eval_every`` decides on the run's device)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of epochs or auto, not {text!r}") from None
+
+
+def add_system_args(parser):
+    """Device, precision and seed: shared by every entry point, the attack and the benchmark too."""
+    g = parser.add_argument_group("System")
+    g.add_argument("--device", default="auto", help="auto (first CUDA GPU, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--seed", type=int, default=0, help="seeds the subset, the augmentation and any fresh weights")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast precision of the forward passes; auto = bf16 on CUDA, fp32 on CPU. "
+                        "Losses are always computed in fp32. No fp16: its gradients need a GradScaler, "
+                        "which the engine does not have, and bf16 needs none")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="fuse the losses with torch.compile (falls back to eager with a warning if compiling fails); "
+                        "auto = on for CUDA, off on the CPU (slow to start there); --compile alone = on")
+    g.add_argument("--eval_batch_size", type=int, default=None,
+                   help="batch size of evaluation under inference mode; default 2000 on CUDA, 256 on CPU "
+                        "(on a 2-core CPU 256 evaluated 1.6x faster than 1000)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="the same kernels every time: on CUDA cuDNN's benchmark off and its deterministic mode on, "
+                        "deterministic algorithms where torch has them (CUBLAS_WORKSPACE_CONFIG set), so a resumed "
+                        "run equals the run made straight through on a GPU too; slower. Off: cuDNN picks its fastest "
+                        "kernels")
+    return g
+
+
+def add_output_args(parser, resumable=True):
+    """Where a run writes and how it reports: shared by the defense, the attack and (``resumable`` False: no
+    ``--resume``) the scan."""
+    g = parser.add_argument_group("Output")
+    g.add_argument("--output_dir", default=None, help="run folder (default: a new folder under runs/); "
+                                                     "a folder that already holds files is refused")
+    g.add_argument("--msg", default="", help="a note for this run, kept in args.json and the folder name")
+    g.add_argument("--no_progress", action="store_true", help="no tqdm bars (the JSON lines and epoch lines stay)")
+    if not resumable:
+        return g
+    g.add_argument("--resume", action="store_true",
+                   help="continue the stopped run in --output_dir from its last completed epoch (last.pt); "
+                        "the other arguments must be those it was started with")
+    g.add_argument("--checkpoint_every", type=int, default=1,
+                   help="write last.pt (what --resume continues from) every this many epochs")
+    return g
+
+
+def add_synthetic_args(group):
+    group.add_argument("--synthetic_seed", type=int, default=0,
+                       help="defines the synthetic task (keep it equal between the attack and the defense)")
+    group.add_argument("--synthetic_train", type=int, default=10000, help="images in a synthetic train split")
+    group.add_argument("--synthetic_test", type=int, default=2000, help="images in a synthetic test split")
+
+
+def add_data_args(parser, trigger=True):
+    """The teacher folder, the teacher's dataset and the defense images: shared by distri.py and scan.py;
+    ``trigger``: also the flags of the trigger an ASR is measured with (not scan.py's)."""
+    g = parser.add_argument_group("Data")
+    g.add_argument("--read_dir", default=None,
+                   help="folder with checkpoint.pkl, pattern.pt and mask.pt; when not given, read_dir at the top of distri.py")
+    g.add_argument("--dataset", default="cifar10",
+                   help="what the teacher was trained on; its test set measures Acc and ASR: "
+                        "cifar10, cifar100, synthetic or a path to an .npz file")
+    g.add_argument("--finetunedata", default="cifar100",
+                   help="unlabelled defense data: cifar10, cifar100, synthetic (out-of-distribution generator) or .npz")
+    g.add_argument("--finetune_in_out", default="out", choices=["in", "out"],
+                   help="out: defense data from --finetunedata; in: from the teacher's own training set")
+    g.add_argument("--subset_rate", type=rate_value, default=0.1,
+                   help="share of the defense pool used: 0.1 of CIFAR-100 train = 5,000 images, 1.0 = 50,000")
+    g.add_argument("--defense_size", type=int, default=None,
+                   help="exactly this many defense images (overrides --subset_rate): 5000, 50000, 60000 in the paper")
+    g.add_argument("--finetune_extend", action="store_true",
+                   help="pool = train + test of the defense data (60,000 for CIFAR-100); set by distri_dsextend.py")
+    g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
+    g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
+    if trigger:
+        g.add_argument("--target_label", type=int, default=0, help="the backdoor's target class")
+        g.add_argument("--thresh_mask", type=float, default=None, help="mask values <= this are set to 0 before use")
+        g.add_argument("--trigger_dir", default=None,
+                       help="measure ASR (and re-tune) with the trigger (pattern.pt, mask.pt) of this teacher folder "
+                            "instead of --read_dir's own; needed for a clean teacher (adba.py --attack none), which has "
+                            "none. The run folder then holds this trigger")
+    add_synthetic_args(g)
+    return g
+
+
+def unit_value(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {value}")
+    return value
+
+
+def nonneg_value(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return value

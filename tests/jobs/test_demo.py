@@ -1,0 +1,36 @@
+"""A tiny version of ``python distri.py --demo`` (the real one takes minutes and is not run here)."""
+import json
+import os
+
+import distri
+import helper.jobs.demo as demo
+
+
+def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    tiny = {"width": 4, "n_train": 128, "n_test": 64, "n_defense": 64, "attack_epochs": 1, "consolidation_epochs": 1,
+            "distill_epochs": 2, "select_from": 1}
+    monkeypatch.setattr(demo, "DEMO", {**demo.DEMO, **tiny})
+    out = tmp_path / "demo"
+    result = distri.main(["--demo", "--output_dir", str(out), "--device", "cpu", "--eval_batch_size", "64"])
+    for name in ("demo_results.json", "demo.png", "teacher/checkpoint.pkl", "teacher/results.json",
+                 *(f"{folder}/{f}" for _, folder, _ in demo.STUDENTS for f in ("results.json", "curves.png"))):
+        assert os.path.isfile(out / name), name
+    saved = json.load(open(out / "demo_results.json"))
+    assert set(saved["table"]) == {"ADBA teacher", *(f"{name} student" for name, _, _ in demo.STUDENTS)}
+    assert [name for name, _, _ in demo.STUDENTS][:2] == ["KD", "ASD"] and len(demo.STUDENTS) == 3
+    for row in saved["table"].values():
+        assert {"acc", "asr", "asr_nontarget"} <= set(row)
+    assert saved["sizes"]["n_train"] == 128 and result["table"] == saved["table"]
+    assert json.load(open(out / "asd" / "args.json"))["ratio_type"] == "scheduler"
+    assert json.load(open(out / "kd" / "args.json"))["ratio_type"] == "fix"
+    text = capsys.readouterr().out
+    assert "ASR non-target" in text and all(f"{name} student" in text for name, _, _ in demo.STUDENTS)
+    # KD and ASD at the demo's lr, the unlearning defense with its own defaults
+    assert json.load(open(out / "kd" / "args.json"))["opt_lr"] == demo.DEMO["distill_lr"]
+    third = json.load(open(out / demo.STUDENTS[2][1] / "args.json"))
+    assert third["defense"] == demo.STUDENTS[2][2][1] and third["opt_lr"] == 0.01
+
+
+def test_format_table():
+    text = demo.format_table([("a", {"acc": 0.5, "asr": 0.25, "asr_nontarget": 0.125})])
+    assert text.splitlines()[1].split() == ["a", "0.5000", "0.2500", "0.1250"]

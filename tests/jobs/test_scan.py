@@ -1,0 +1,109 @@
+"""scan.py: a planted backdoor is flagged and its clean twin is not; the trigger files are opened only after the
+verdict is written; what the scan writes."""
+import json
+import os
+
+import pytest
+import torch
+
+import scan
+from helper.jobs.scan import scan_model, verdict
+from helper.train.perturb import MaskPattern, Universal
+from tests.conftest import write_teacher_dir
+
+
+class Bands(torch.nn.Module):
+    """A toy classifier of 32x32 images: class c's logit is k_c x the mean of rows 3c..3c+2 (all channels), k_c
+    from 16 to 24, so every class needs about the same change of its own band. ``backdoor``: class 0 also gets
+    40 x sigmoid(10 (mean of the 2x6 patch at the bottom right - 0.6)), a planted trigger direction that a
+    white patch (12 pixels, below every band) fires (0.3 on the clean images)."""
+
+    def __init__(self, backdoor):
+        super().__init__()
+        self.backdoor = backdoor
+        self.k = torch.linspace(16, 24, 10)
+
+    def forward(self, x):
+        logits = torch.stack([x[:, :, 3 * c:3 * c + 3].mean((1, 2, 3)) for c in range(10)], 1) * self.k
+        if self.backdoor:
+            logits[:, 0] = logits[:, 0] + 40 * torch.sigmoid(10 * (x[:, :, 30:, 26:].mean((1, 2, 3)) - 0.6))
+        return logits
+
+
+def toy_images():
+    """Two images per class: its own band at 0.5, everything else at 0.1, plus noise of 0.02."""
+    gen = torch.Generator().manual_seed(0)
+    x = 0.1 + 0.02 * torch.rand(20, 3, 32, 32, generator=gen)
+    for i in range(20):
+        x[i, :, 3 * (i % 10):3 * (i % 10) + 3] += 0.4
+    return x
+
+
+@pytest.mark.parametrize("backdoor", [True, False])
+def test_scan_flags_a_planted_backdoor_and_not_its_clean_twin(backdoor):
+    fams = {"mask": MaskPattern(), "universal": Universal(lr=0.02)}
+    found, summaries, said, target = scan_model(Bands(backdoor), toy_images(), fams, 10, out=lambda *_: None,
+                                                passes=40, batch_size=20, success=0.9)
+    if backdoor:
+        assert said == "backdoored" and target == 0
+        assert 0 in summaries["mask"]["flagged"]
+        assert summaries["mask"]["size"][0] < 0.5 * min(summaries["mask"]["size"][1:])
+    else:
+        assert said == "no backdoor found" and target is None
+        assert all(not s["flagged"] for s in summaries.values())
+        assert max(max(s["anomaly_index"]) for s in summaries.values()) < 2
+
+
+def test_verdict_counts_families_then_index():
+    s = {"mask": {"flagged": [3], "anomaly_index": [0] * 3 + [2.5] + [0] * 6},
+         "universal": {"flagged": [5, 3], "anomaly_index": [0] * 3 + [3.0, 0, 4.0] + [0] * 4}}
+    assert verdict(s) == ("backdoored", 3)   # flagged by both families
+    s["mask"]["flagged"] = []
+    assert verdict(s) == ("backdoored", 5)   # one family each: the larger index
+    s["universal"]["flagged"] = []
+    assert verdict(s) == ("no backdoor found", None)
+
+
+def scan_flags(read_dir, out):
+    return ["--read_dir", str(read_dir), "--output_dir", str(out), "--dataset", "synthetic", "--finetunedata",
+            "synthetic", "--synthetic_train", "256", "--synthetic_test", "64", "--nc_images", "32", "--nc_passes", "2",
+            "--nc_batch", "32", "--device", "cpu"]
+
+
+def test_scan_writes_its_files_and_reads_the_trigger_only_after_the_verdict(tmp_path, monkeypatch):
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    out = tmp_path / "scan"
+    opened = []
+    real_load = torch.load
+
+    def spying_load(f, *a, **kw):
+        name = os.path.basename(str(f))
+        if name in ("pattern.pt", "mask.pt"):
+            verdict_written = os.path.isfile(out / "scan.json") and "verdict" in json.loads((out / "scan.json").read_text())
+            opened.append((name, verdict_written))
+        return real_load(f, *a, **kw)
+    monkeypatch.setattr(torch, "load", spying_load)
+    results = scan.main(scan_flags(teacher, out))
+    assert sorted(opened) == [("mask.pt", True), ("pattern.pt", True)]  # opened, and only after the verdict
+    saved = json.loads((out / "scan.json").read_text())
+    assert saved["verdict"] == results["verdict"] and set(saved["families"]) == {"mask", "universal"}
+    fam = saved["families"]["mask"]
+    assert len(fam["size"]) == len(fam["anomaly_index"]) == len(fam["success"]) == 10
+    assert -1 <= saved["evaluation"]["mask"]["cosine"] <= 1 and saved["evaluation"]["true_mask_l1"] == pytest.approx(36 * 0.3)
+    assert (out / "scan.png").stat().st_size > 0 and (out / "args.json").is_file()
+
+
+def test_scan_of_a_folder_without_trigger_has_no_evaluation(tmp_path):
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    for name in ("pattern.pt", "mask.pt"):
+        os.remove(os.path.join(teacher, name))
+    results = scan.main(scan_flags(teacher, tmp_path / "scan") + ["--families", "mask"])
+    assert "evaluation" not in results and set(results["families"]) == {"mask"}
+
+
+def test_scan_refuses_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        scan.main(scan_flags(tmp_path / "nowhere", tmp_path / "scan"))
+    assert e.value.code == 2
+    assert "read_dir not found" in capsys.readouterr().err
+    assert not (tmp_path / "scan").exists()
