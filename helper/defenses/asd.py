@@ -77,7 +77,7 @@ class Distiller:
 
 class ASD(Defense):
     """ASD as the paper specifies it by default; the variants of the study "Making ASD keep its accuracy"
-    (README) are flags: which channels ASL shifts (``--shift``), how hard and how long (``--shift_epochs``,
+    (docs/asd-study.md) are flags: which channels ASL shifts (``--shift``), how hard and how long (``--shift_epochs``,
     ``--shift_kd``, ``--asl_scale``, ``--clip_grad``), batch-norm statistics during the shift (``--freeze_bn``),
     and where ASL looks (``--hook_layers``, e.g. ``layer*.*.bn1``: after batch-norm, SPEC section 11)."""
     name = "asd"

@@ -17,10 +17,10 @@ The student minimises ``KD(s(x), t(x)) + beta D(s(x + delta), t(x))``, ``D = KL(
 s(x + delta))`` at temperature 1 (``helper.train.perturb.soft_kl``); KD is the package's (``--temperature``,
 ``--kd_reduction``). I-BAU's implicit hypergradient (K = 5 fixed-point steps per outer step) is replaced by
 this alternation: a hypergradient costs K more backward passes per step, and ABD's port showed that the
-alternation is what KD affords every step; measured in bench.py (README).
+alternation is what KD affords every step; measured in bench.py (docs/defenses.md).
 
 Defaults: SGD 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128 (the fine-tuning recipe that kept
-the student's accuracy in the README's four-teacher table); I-BAU's own outer optimiser (Adam 1e-3) drove
+the student's accuracy in docs/experiments.md); I-BAU's own outer optimiser (Adam 1e-3) drove
 ABD's student off on the same setup. ``--adv_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
 image by about L2 3.3; SPEC section 13), ``--adv_lr`` 0.5, ``--adv_beta`` 1.
 """

@@ -5,7 +5,7 @@ stage 2 trains the student (from the backdoored teacher) with KD against the sta
 ``sum_l beta_l * ||A(F_s,l) - A(F_t,l)||^2`` at the outputs of layer2, layer3 and layer4 (betas 500, 1000,
 1000; ``helper.train.losses.attention_map``). NAD trains with labels and cross-entropy at lr 0.1; here both
 stages use the package's KD loss instead (there are no labels) and SGD at lr 0.01 with Nesterov momentum 0.9
-(its optimiser, ``nesterov=True``; see README).
+(its optimiser, ``nesterov=True``; see docs/defenses.md).
 
 Adapted to unlabelled data, stage 1 distils a copy of the teacher from the identical teacher: the two differ
 only through the copy's batch statistics in training mode and its weight decay, so its KD loss starts near 0,

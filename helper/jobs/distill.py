@@ -107,7 +107,7 @@ def run(args, out=print):
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
         + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
     if DEFENSES[args.defense].needs_fp32(args) and amp is not None:
-        out(f"warning: --amp {args.amp}: ASL's gradient follows rounding noise in {meta['precision']} (README, "
+        out(f"warning: --amp {args.amp}: ASL's gradient follows rounding noise in {meta['precision']} (docs/gpu.md, "
             f"'ASD's precision'); --amp auto computes ASD in fp32")
     if select_from != args.select_from:
         out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "

@@ -27,7 +27,7 @@ PRESETS = {
     # every 5th epoch is evaluated; 9 runs of 60 epochs (selected from epoch 50, as the paper) in about an hour
     "cpu": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000)], "seeds": 3, "epochs": 60,
             "flags": ["--select_from", "50"]},
-    # "Making ASD keep its accuracy" (README): the cpu preset's cells plus variants of ASD, each an arm
+    # "Making ASD keep its accuracy" (docs/asd-study.md): the cpu preset's cells plus variants of ASD, each an arm
     "study": {"cells": [("kd", 5000), ("asd", 5000), ("bcu", 5000)] + [("asd", 5000, label, flags) for label, flags in (
         ("asd-first", ["--asl_samples", "first"]),          # the public code's ASL: sample 0 of each batch
         ("asd-bn", ["--hook_layers", "layer*.*.bn1"]),       # ASL after batch-norm: no sign-flip symmetry

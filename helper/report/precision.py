@@ -1,4 +1,4 @@
-"""How far ASL's gradient in a given precision is from the same gradient in fp64 (README, "ASD's precision").
+"""How far ASL's gradient in a given precision is from the same gradient in fp64 (docs/gpu.md, "ASD's precision").
 
 ASL's gradient with respect to a student's convolution output ``s`` is 2 (1 + t's') t' / |s| (SPEC section 4): the
 elements with the smallest |s| carry most of it, so a rounding error far below a convolution's scale can turn the

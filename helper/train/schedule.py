@@ -42,7 +42,7 @@ class LrDrop:
     The student starts as the teacher, so its KD loss starts far below the threshold: reaching it means coming
     back down to it. The drop is armed by an epoch whose mean KD loss was above ``threshold``, or from epoch
     ``arm_epoch`` on (ASD: the end of its ASL-only shift phase; measured, ASD's KD loss at T 40 stayed below 1.0
-    even with a collapsed student, README). ``dropped_at`` is the epoch of the drop; a run that is never armed
+    even with a collapsed student, docs/method.md). ``dropped_at`` is the epoch of the drop; a run that is never armed
     (plain KD, whose loss stays below) keeps its lr.
     """
 

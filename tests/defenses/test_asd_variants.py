@@ -1,4 +1,4 @@
-"""The ASD variants of the study (README "Making ASD keep its accuracy"): their mechanics on hand-made tensors,
+"""The ASD variants of the study (docs/asd-study.md): their mechanics on hand-made tensors,
 and every arm of the study preset end to end on synthetic data."""
 import copy
 import json

@@ -34,7 +34,7 @@ def test_an_asd_run_computes_in_fp32_on_a_gpu_and_kd_in_bf16():
 def test_asl_weight_gradient_in_the_runs_precision_follows_fp64_and_bf16_does_not(seed):
     """A width-8 teacher and a student 2% away from it, 8 images: the smallest |s| of the 8 hooked layers are
     near 1e-5 of their scale, which fp32 resolves and bf16 does not (measured: fp32 cosine >= 0.9999, bf16 -0.04
-    to 0.16 on these three seeds). With 32 images or real ones, smaller |s| appear and even fp32 drifts (README)."""
+    to 0.16 on these three seeds). With 32 images or real ones, smaller |s| appear and even fp32 drifts (docs/gpu.md)."""
     torch.manual_seed(seed)
     teacher = resnet18(10, 8).eval()
     student = copy.deepcopy(teacher).train()
