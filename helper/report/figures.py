@@ -368,8 +368,8 @@ def draw_defenses(grid_dir, out, teachers=("badnets", "blended", "adba"), floors
     """One panel per teacher of a ``reproduce.py --attacks ... --retune`` grid (``GRID_DIR/LABEL/CELL-nN/seedS``):
     per cell, Acc as a share of KD's against ASR non-target (means over the finished runs of ``seeds``), a filled
     marker after the defense and an open one after the re-tuning attack, joined by a line. ``floors``: run folders of
-    the clean teacher's students, in ``teachers``' order, whose ``asr_nontarget`` (the floor a removal is read
-    against) is drawn as a dashed line."""
+    the clean teacher measured with each trigger (``distri.py --trigger_dir``, e.g. ``--epoch 0``), in ``teachers``'
+    order, whose ``asr_nontarget`` (the floor a removal is read against) is drawn as a dashed line."""
     if floors and len(floors) != len(teachers):
         raise UserError(f"--floors: {len(floors)} folders for {len(teachers)} teachers; give one per teacher, in order")
     tables = {}
@@ -394,7 +394,8 @@ def draw_defenses(grid_dir, out, teachers=("badnets", "blended", "adba"), floors
                 ax.scatter([rx], [y], facecolor="none", edgecolor=colours[name], marker=markers[name], s=60, zorder=3)
         if floors:
             floor = _read_json(os.path.join(floors[k], "results.json"), "a floor run's results")["asr_nontarget"]
-            ax.axvline(floor, color="0.4", ls="--", lw=1, label="floor (clean teacher's student)" if k == 0 else None)
+            ax.axvline(floor, color="0.4", ls="--", lw=1,
+                       label="floor (the clean teacher with this trigger)" if k == 0 else None)
         ax.axhline(0.97, color="0.7", ls=":", lw=1, label="97% of KD's Acc" if k == 0 else None)
         ax.set_xlim(-0.03, 1.03)
         ax.set_title(f"{label} (KD Acc {kd['acc']:.3f})")
@@ -402,7 +403,8 @@ def draw_defenses(grid_dir, out, teachers=("badnets", "blended", "adba"), floors
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Acc / KD's Acc")
     fig.legend(loc="lower center", ncol=min(8, len(names) + 2), fontsize=8, frameon=False)
-    fig.text(0.5, 0.995, "filled: after the defense; open: after the re-tuning attack", ha="center", va="top", fontsize=9)
+    fig.text(0.5, 0.995, "filled: after the defense; open: after the re-tuning attack", ha="center", va="top",
+             fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 0.97))
     save_figure(fig, out)
     return out
@@ -430,7 +432,8 @@ def parser():
     d.add_argument("grid_dir", help="the grid's --output_dir (one folder per teacher label, each with table.json)")
     d.add_argument("--teachers", nargs="+", default=["badnets", "blended", "adba"], help="teacher labels, in order")
     d.add_argument("--floors", nargs="*", default=[], metavar="RUN",
-                   help="a clean teacher's student per teacher (distri.py --trigger_dir), in --teachers' order")
+                   help="a run of the clean teacher with each teacher's trigger (distri.py --trigger_dir), "
+                        "in --teachers' order")
     d.add_argument("--cells", nargs="+", default=None, help="only these cells or arms, in this order (default: all)")
     d.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: all finished)")
     d.add_argument("--out", default="defenses.png")
