@@ -39,7 +39,12 @@ def suspicious(ensemble_logits, teacher_logits):
 
 
 def vaccine_loss(per_sample_kd, flagged, coef=0.1):
-    """``mean KD over unflagged - coef * mean KD over flagged`` (an empty group contributes 0)."""
+    """``mean KD over unflagged - coef * mean KD over flagged`` (an empty group contributes 0).
+
+    A batch whose samples are all flagged gives ``-coef * mean KD`` here: the student is pushed away from the
+    teacher on that batch and learns nothing else from it. Its code divides by the count of kept samples, 0 there,
+    and gets NaN, which its Adam step would write into every weight; we keep the finite value so that one such
+    batch cannot end a run, at the price of one step that only pushes away. (Its first term's 0/0 is taken as 0 by the ``clamp_min(1)`` of the count.)"""
     keep = (~flagged).float()
     flag = flagged.float()
     return ((per_sample_kd * keep).sum() / keep.sum().clamp_min(1)

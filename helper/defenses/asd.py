@@ -82,6 +82,7 @@ class ASD(Defense):
     and where ASL looks (``--hook_layers``, e.g. ``layer*.*.bn1``: after batch-norm, SPEC section 11)."""
     name = "asd"
     help = "Attention Shifting Distillation: KD plus ASL on every residual block's conv1 (--ratio_type fix: plain KD)"
+    applies_lr_drop = True
 
     @classmethod
     def add_args(cls, g):

@@ -53,6 +53,7 @@ class Defense:
     name = ""
     help = ""
     defaults = {}  # values of shared flags from the defense's own paper and public code; a given flag wins
+    applies_lr_drop = False  # whether its stages follow --lr_drop (SPEC section 6: ASD's rule); else on is refused
 
     @classmethod
     def add_args(cls, group):
@@ -71,7 +72,12 @@ class Defense:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.compile_losses = use_compile(device, args.compile)
-        self.lr_drop_enabled = args.lr_drop == "on" or (args.lr_drop == "auto" and n_defense >= 50000)
+        if args.lr_drop == "on" and not self.applies_lr_drop:
+            from helper.run.errors import UserError
+            raise UserError(f"--lr_drop on: --defense {self.name} has no lr drop (only asd, and kd through it, follow "
+                            f"SPEC section 6's rule); leave --lr_drop at auto or off")
+        self.lr_drop_enabled = self.applies_lr_drop and (
+            args.lr_drop == "on" or (args.lr_drop == "auto" and n_defense >= 50000))
 
     def prepare(self, student):
         """Change the student before training; returns a dict for results.json (empty by default)."""
@@ -109,6 +115,17 @@ class Defense:
         that reports another one of the same architecture returns it, ready to evaluate (renofeation: its weight
         average, batch-norm statistics recomputed)."""
         return model
+
+    def selection_start(self, select_from):
+        """The first epoch the reported result may be selected from, given the run's (``--select_from``, or 0 for a
+        run not longer than it): unchanged by default; a defense whose reported model exists only from some epoch
+        on moves it there (renofeation: its final weight average)."""
+        return select_from
+
+    def selection_note(self, asked, effective):
+        """One line on why selection starts at ``effective`` and not at ``--select_from`` ``asked``."""
+        return (f"the run has {self.args.epoch} epochs, not more than --select_from {asked}: the result is selected "
+                f"over all epochs")
 
     def close(self):
         """Release hooks and the like at the end of the run."""

@@ -1,33 +1,47 @@
 """Adversarial unlearning with one universal perturbation, through every epoch of KD (I-BAU, ICLR 2022; ABD's
 self-retrospection, ICML 2023, is the same idea rewritten for KD).
 
-One perturbation ``delta`` (3 x 32 x 32) lives for the whole run. Each step it climbs ``--adv_steps`` times
-(L2-normalised steps of ``--adv_lr``, projected to the L2 ball of ``--adv_radius``; images stay valid,
-``clip(x + delta, 0, 1)``) on the divergence of the model ``--adv_search`` names:
+One perturbation ``delta`` (3 x 32 x 32) lives for the whole run, starting at a random point of L2 norm
+``--adv_init`` x ``--adv_radius`` (0.01 x 3: near 0, as I-BAU's and ABD's code start, but off it, where a divergence
+between two equal answers has no gradient). Each step it climbs ``--adv_steps`` times (L2-normalised steps of
+``--adv_lr``, projected to the L2 ball of ``--adv_radius``; images stay valid, ``clip(x + delta, 0, 1)``) on what
+``--adv_search`` and ``--adv_target`` name:
 
 - ``student`` (I-BAU): ``D(s(x + delta), t(x))``, the student's answer on the perturbed image against the
-  teacher's on the clean one. The last ascent step rides on the student's own backward: the perturbed batch's
-  gradient gives the student's update and delta's at once, so ``--adv_steps 1`` costs one forward of the
-  clean and perturbed batch together and one backward;
-- ``teacher`` (ABD's self-retrospection): ``KL(t(x + delta) || t(x))`` on the frozen teacher, one forward
-  and backward of the teacher per ascent step. The teacher does not change, so neither does what delta
-  finds: the trigger's direction, not the student's ordinary adversarial one.
+  teacher's on the clean one. The last ascent step rides on the student's own backward: the unlearning term's
+  gradient gives the student's update and delta's at once, so ``--adv_steps 1`` costs no extra backward;
+- ``teacher`` (ABD's self-retrospection, its ``unlearn.py``): ``T^2 KL(softmax(t(x) / T) || softmax(t(x + delta) /
+  T))`` on the frozen teacher at ``--adv_temperature`` T = 8 (its ``KLDiv(T)`` of the perturbed and clean logits; ABD
+  re-learns delta from 0 with 10-20 Adam steps every step, here it persists), one teacher forward and backward per
+  ascent step. The teacher does not change, so neither does what delta finds;
+- ``--adv_target c``: the searched model's log-probability of class ``c`` (a suspected target, from ``scan.py``)
+  instead of a divergence (``target_log_prob``): the budget goes to the shortcut into ``c`` rather than to the
+  model's ordinary adversarial directions; every ascent step is then apart from the student's backward.
 
 The student minimises ``KD(s(x), t(x)) + beta D(s(x + delta), t(x))``, ``D = KL(softmax t(x) || softmax
 s(x + delta))`` at temperature 1 (``helper.train.perturb.soft_kl``); KD is the package's (``--temperature``,
-``--kd_reduction``). I-BAU's implicit hypergradient (K = 5 fixed-point steps per outer step) is replaced by
-this alternation: a hypergradient costs K more backward passes per step, and ABD's port showed that the
-alternation is what KD affords every step; measured in bench.py (docs/defenses.md).
+``--kd_reduction``). The perturbed images go through the student in a forward of their own, after the clean batch's
+(``--adv_bn``): ``batch`` (the default) normalises them by their own batch statistics and leaves the running
+statistics, which evaluation uses, to the clean images; ``eval`` uses the running statistics (I-BAU's and SAU's
+code); ``shared`` is this package before issue 29 (clean and perturbed images in one train-mode batch, the running
+statistics averaged over both). Every ascent step sees the student as the unlearning term does. Measured on two
+ADBA teachers (docs/experiments.md, "ibau's batch norm"): ``eval`` collapses the student (Acc 0.19-0.34 of KD's
+0.55 at width 8), ``batch`` keeps it. I-BAU's implicit hypergradient (K = 5 fixed-point steps per outer step) is
+replaced by this alternation: a hypergradient costs K more backward passes per step, and ABD's port showed that
+the alternation is what KD affords every step; measured in bench.py (docs/defenses.md).
 
 Defaults: SGD 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128 (the fine-tuning recipe that kept
 the student's accuracy in docs/experiments.md); I-BAU's own outer optimiser (Adam 1e-3) drove
 ABD's student off on the same setup. ``--adv_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
 image by about L2 3.3; SPEC section 13), ``--adv_lr`` 0.5, ``--adv_beta`` 1.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from helper.defenses.base import FINE_TUNING, Defense, check_adversary
+from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import ascent_step, effect, input_grad, l2_norms, project, random_direction, soft_kl, stamp
@@ -40,11 +54,40 @@ def universal_unlearning_loss(kd, s_pert, t_clean, beta):
     return kd + beta * unlearn, unlearn
 
 
-def self_retrospection_loss(t_pert, t_clean):
-    """What delta climbs on the teacher: ``KL(t(x + delta) || t(x))`` (ABD's ``unlearn.py``), summed over
-    classes, batch mean; the gradient flows through the perturbed answer (the first argument)."""
-    log_p, log_q = F.log_softmax(t_pert.float(), 1), F.log_softmax(t_clean.detach().float(), 1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+def self_retrospection_loss(t_pert, t_clean, temperature=8.0):
+    """What delta climbs on the teacher, ABD's ``unlearn.py`` (its ``KLDiv(T)`` of ``(t(x + delta), t(x))``):
+
+        T^2 * KL(softmax(t(x) / T) || softmax(t(x + delta) / T)),
+
+    summed over classes, batch mean; the gradient flows through the perturbed answer (the first argument)."""
+    return temperature ** 2 * soft_kl(t_clean.float() / temperature, t_pert.float() / temperature)
+
+
+def target_log_prob(logits, target):
+    """What a targeted search climbs: ``mean_n log softmax(logits_n)_c``, the log-probability of class ``c`` (the
+    suspected target) on the perturbed images, batch mean, fp32."""
+    return F.log_softmax(logits.float(), 1)[:, target].mean()
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model):
+    """The model in train mode (batch-norm normalises by the batch's own statistics) with every batch-norm's
+    running statistics left as they are (momentum 0: ``running = (1 - 0) running + 0 batch``); the modes and
+    momenta are restored after the block, also on an error."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved, mode = [m.momentum for m in bns], model.training
+    try:
+        model.train()
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+        model.train(mode)
+
+
+PERTURBED_BN = {"eval": eval_mode, "batch": frozen_bn_stats}
 
 
 class IBAU(Defense):
@@ -57,7 +100,7 @@ class IBAU(Defense):
     def add_args(cls, g):
         g.add_argument("--adv_search", default="student", choices=["student", "teacher"],
                        help="whose divergence delta climbs: student: D(s(x + delta), t(x)) (I-BAU); teacher: "
-                            "KL(t(x + delta) || t(x)) on the frozen teacher (ABD's self-retrospection)")
+                            "T^2 KL(t(x) / T || t(x + delta) / T) on the frozen teacher (ABD's self-retrospection)")
         g.add_argument("--adv_steps", type=int, default=1,
                        help="ascent steps of delta per training step (with --adv_search student the last one "
                             "uses the student's own backward, at no extra cost)")
@@ -65,31 +108,71 @@ class IBAU(Defense):
         g.add_argument("--adv_radius", type=float, default=3.0,
                        help="L2 radius of delta over a 3x32x32 image in [0, 1] pixels")
         g.add_argument("--adv_beta", type=float, default=1.0, help="weight of the unlearning term D")
+        g.add_argument("--adv_init", type=float, default=0.01,
+                       help="delta's start: a random point on the L2 sphere of this fraction of --adv_radius (1: the "
+                            "sphere itself, this package before issue 29). I-BAU's and ABD's code start at 0, where a "
+                            "divergence between two equal answers has no gradient: a small start gives it one")
+        g.add_argument("--adv_bn", default="batch", choices=["batch", "eval", "shared"],
+                       help="the student's batch-norm on the perturbed images, for its unlearning term and every "
+                            "ascent step alike: batch: the perturbed batch's own statistics, the running ones left "
+                            "to the clean images; eval: running statistics (I-BAU's and SAU's code); shared: clean and perturbed "
+                            "images in one train-mode batch, the running statistics learning from both (this "
+                            "package before issue 29; kept to reproduce its numbers)")
+        g.add_argument("--adv_temperature", type=float, default=8.0,
+                       help="--adv_search teacher: the temperature T of the divergence delta climbs (ABD: 8)")
+        g.add_argument("--adv_target", type=int, default=None,
+                       help="a suspected target class c (scan.py names one): delta climbs the searched model's "
+                            "log-probability of c on x + delta instead of a divergence, every ascent step apart "
+                            "from the student's backward; the student's term still keeps the teacher's clean answer")
+
+    def check(self):
+        a = self.args
+        check_adversary(a)
+        if not a.adv_beta >= 0 or not a.adv_temperature > 0 or not 0 <= a.adv_init <= 1:
+            raise UserError(f"--adv_beta must be >= 0, --adv_temperature > 0 and --adv_init in [0, 1] (got "
+                            f"{a.adv_beta}, {a.adv_temperature}, {a.adv_init})")
+        if a.adv_target is not None and not 0 <= a.adv_target < self.teacher.num_classes:
+            raise UserError(f"--adv_target {a.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
 
     def stages(self, student):
         a = self.args
-        check_adversary(a)
-        generator = torch.Generator().manual_seed(a.seed + 7)
-        self.delta = random_direction((1, 3, 32, 32), a.adv_radius, generator, self.device)
+        self.check()
+        self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.adv_radius,
+                                      torch.Generator().manual_seed(a.seed + 7), self.device)
         optimizer = self.optimizer(student.parameters())
-        fused = a.adv_search == "student"
+        fused = a.adv_search == "student" and a.adv_target is None
+        perturbed_mode = PERTURBED_BN["eval" if a.adv_bn == "shared" else a.adv_bn]
 
         def climb(x, t_clean, times):
             for _ in range(times):
-                if fused:
-                    with eval_mode(student):
+                if a.adv_target is not None:
+                    model = student if a.adv_search == "student" else self.teacher
+                    with perturbed_mode(student):
+                        _, g = input_grad(lambda xp: target_log_prob(
+                            self.logits(model, xp, input_grad=True), a.adv_target), x, self.delta)
+                elif fused:
+                    with perturbed_mode(student):
                         _, g = input_grad(lambda xp: soft_kl(t_clean, self.logits(student, xp)), x, self.delta)
                 else:
-                    _, g = input_grad(lambda xp: self_retrospection_loss(self.logits(self.teacher, xp, input_grad=True), t_clean),
-                                      x, self.delta)
+                    _, g = input_grad(lambda xp: self_retrospection_loss(
+                        self.logits(self.teacher, xp, input_grad=True), t_clean, a.adv_temperature), x, self.delta)
                 self.delta = project(ascent_step(self.delta, g, a.adv_lr), a.adv_radius)
 
         def step(x):
             t = self.logits(self.teacher, x)
-            climb(x, t, a.adv_steps - 1 if fused else a.adv_steps)
-            d = self.delta.detach().requires_grad_(fused)
-            s_both = self.logits(student, torch.cat([x, stamp(x, d)]))
-            s, s_pert = s_both[:len(x)], s_both[len(x):]
+            if a.adv_bn == "shared":  # one train-mode batch of clean and perturbed images (before issue 29)
+                climb(x, t, a.adv_steps - 1 if fused else a.adv_steps)
+                d = self.delta.detach().requires_grad_(fused)
+                both = self.logits(student, torch.cat([x, stamp(x, d)]))
+                s, s_pert = both[:len(x)], both[len(x):]
+            else:
+                # the clean batch first: its train-mode forward updates the running statistics, so every ascent step
+                # after it and the perturbed pass (whose backward reads those statistics) see one and the same student
+                s = self.logits(student, x)
+                climb(x, t, a.adv_steps - 1 if fused else a.adv_steps)
+                d = self.delta.detach().requires_grad_(fused)
+                with perturbed_mode(student):
+                    s_pert = self.logits(student, stamp(x, d))
             kd = self.kd(s, t)
             loss, unlearn = universal_unlearning_loss(kd, s_pert, t, a.adv_beta)
             optimizer_step(optimizer, loss)

@@ -57,7 +57,8 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--lr_gamma", type=float, default=0.5, help="step: the factor at each milestone")
     g.add_argument("--lr_drop", default="auto", choices=["auto", "on", "off"],
                    help="drop the lr to --lr_drop_to at the first epoch whose mean KD loss is at or below --lr_drop_kd "
-                        "after one above it or, for ASD, after its shift phase; auto = on for 50,000+ images")
+                        "after one above it or, for ASD, after its shift phase; auto = on for 50,000+ images; only asd (and kd, "
+                        "clp, fineprune, which train through it) has the drop: on is refused for the others")
     g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
     g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
 

@@ -27,12 +27,14 @@ Stochastic weight averaging over the last part of the run (``torch.optim.swa_uti
 annealing: ``--reno_swa_anneal`` 0) and the weights are averaged (``AveragedModel``, equal weights) once at the
 end of every epoch. Its script trains 90,000 iterations with cosine annealing, then 30,000 more from there with
 SWA at a constant lr 5e-3 (an average every 500 iterations): the last quarter of 120,000. Here the cosine of
-``--lr_schedule`` runs over the epochs before SWA. From the first averaged epoch on, the averaged model is what
-the engine evaluates, keeps as the selected state (``selected.pkl``, ``--retune``) and writes as
-``checkpoint.pkl`` (``evaluated_model``); its batch-norm statistics are recomputed (``update_bn``) on the
-defense images, plain (no crop or flip: the statistics of what evaluation feeds it; its code runs its
-augmented training loader), in batches of ``--batch_size``, before each evaluation. ``kd_loss``, which
-selection reads, stays the training KD of the student of that epoch, as in every defense.
+``--lr_schedule`` runs over the epochs before SWA; the first averaged epoch starts with a fresh optimiser state (no
+momentum carried over), as its code builds a new optimiser for SWA. From the first averaged epoch on, the averaged
+model is what the engine evaluates and writes as ``checkpoint.pkl`` (``evaluated_model``); its batch-norm statistics
+are recomputed (``update_bn``) on the defense images, plain (no crop or flip: the statistics of what evaluation feeds
+it; its code runs its augmented training loader), in batches of ``--batch_size``, before each evaluation. The reported
+result (``selected.pkl``, ``--retune``) is the *final* average, as its code reports it (``selection_start``): the
+package's rule, the lowest training KD loss, would read the student of the constant-lr phase, whose loss rises when
+the lr jumps from the cosine's end (about 0) to 5e-3, and pick a student from before the average.
 
 Defaults from its ``scripts/Renofeation.sh``: SGD lr 0.01, momentum 0.9, weight decay 5e-3, batch 64. Ours:
 100 epochs (its 120,000 iterations of batch 64 are about 380 epochs of 20,000 images; BCU's and Fine-Pruning's
@@ -131,6 +133,18 @@ class Renofeation(Defense):
         a = self.args
         return swa_start_epoch(a.reno_swa_start, a.epoch) if a.opt_lr > 0 else a.epoch
 
+    def selection_start(self, select_from):
+        """With averaging, the result is the final average (epoch ``--epoch`` - 1), as Renofeation's code reports it:
+        the training KD loss of the averaged phase (a constant lr 5e-3 after the cosine's end near 0) rises and would
+        select a student from before the average."""
+        return self.args.epoch - 1 if self.swa_start() < self.args.epoch else select_from
+
+    def selection_note(self, asked, effective):
+        if self.swa_start() < self.args.epoch:
+            return (f"renofeation reports its final weight average (epoch {effective}, averaged from epoch "
+                    f"{self.swa_start()}), not the lowest-KD epoch from --select_from {asked}")
+        return super().selection_note(asked, effective)
+
     def prepare(self, student):
         self.check()
         start = self.swa_start()
@@ -163,7 +177,8 @@ class Renofeation(Defense):
             self.set_hooks(True)
             if epoch < self.start:
                 return {**before.begin(epoch), "swa": 0}
-            if self.swa_scheduler is None:
+            if self.swa_scheduler is None:  # the first averaged epoch: a fresh optimiser, as its code starts SWA with
+                optimizer.state.clear()      # (no momentum carried over from the cosine phase)
                 self.swa_scheduler = self.make_swa_scheduler()
             return {"lr": optimizer.param_groups[0]["lr"], "swa": 1}
 

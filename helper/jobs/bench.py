@@ -107,7 +107,7 @@ def main(argv=None):
               "asd_img_s": asd_img_s, "kd_img_s": kd_img_s, "reference_img_s": reference_img_s,
               "eval_img_s": eval_img_s, "asd_over_kd": kd_img_s / asd_img_s,
               "speedup_vs_reference": None if reference_img_s is None else asd_img_s / reference_img_s,
-              "defenses": defenses}
+              "defenses": defenses, "peak_gib": {k: round(v, 3) for k, v in peak.items()} or None}
     rows = [("(a) ASD step, ours", asd_img_s, "asd"), ("(b) plain-KD step, ours", kd_img_s, "kd"),
             ("(c) ASD step, public-code style", reference_img_s, "reference"),
             (f"(d) evaluation, clean + triggered ({2 * args.eval_images})", eval_img_s, "eval")]

@@ -76,7 +76,11 @@ def parser_defaults(args):
 def run(args, out=print):
     """A whole defense run; returns the results dict (also written to results.json)."""
     check_args(args)
-    device, amp, mem_format = setup(args, needs_fp32=DEFENSES[args.defense].needs_fp32(args))
+    needs_fp32 = DEFENSES[args.defense].needs_fp32(args)
+    if needs_fp32 and args.amp == "bf16":
+        raise UserError("--amp bf16 with an ASL weight that can be non-zero: ASL's gradient is rounding noise in bf16 "
+                        "(cosine to fp64 -0.01..0.11, docs/gpu.md); use --amp auto or fp32 (fp32, TF32 off)")
+    device, amp, mem_format = setup(args, needs_fp32=needs_fp32)
     every = eval_every(device, args.eval_every)  # --eval_every auto: decided here, on the run's own device
     teacher, pattern, mask, test_split, defense_split, retune_data = load_inputs(args)
     teacher = teacher.to(device, memory_format=mem_format)
@@ -90,11 +94,11 @@ def run(args, out=print):
     prepared = defense.prepare(student)
     stages = defense.stages(student)
     eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
-    select_from = args.select_from if args.epoch > args.select_from else 0
+    select_from = defense.selection_start(args.select_from if args.epoch > args.select_from else 0)
 
     meta = {**run_environment(device, amp), "n_defense": len(images), "n_test": len(eval_set.labels),
             "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
-            "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from,
+            "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from, "eval_precision": "fp32",
             "eval_every_effective": every}
     try:
         out_dir, last = open_or_resume(args, _run_name(args), {**vars(args), **meta}, out, parser_defaults(args),
@@ -106,20 +110,18 @@ def run(args, out=print):
     out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['precision']}), defense {args.defense}, "
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
         + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
-    if DEFENSES[args.defense].needs_fp32(args) and amp is not None:
-        out(f"warning: --amp {args.amp}: ASL's gradient follows rounding noise in {meta['precision']} (docs/gpu.md, "
-            f"'ASD's precision'); --amp auto computes ASD in fp32")
     if select_from != args.select_from:
-        out(f"note: the run has {args.epoch} epochs, not more than --select_from {args.select_from}: "
-            f"the result is selected over all epochs")
+        out(f"note: {defense.selection_note(args.select_from, select_from)}")
 
-    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
+    # one evaluation precision for every defense: fp32 with TF32 off (evaluate), whatever the training ran in
+    eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), memory_format=mem_format)
     teacher_metrics = evaluate(teacher, eval_set, **eval_kw)
     init_metrics = evaluate(student, eval_set, **eval_kw)
     out(_metrics_line("teacher:", teacher_metrics))
     out(_metrics_line("student (start):", init_metrics))
     results = {**{f"teacher_{k}": teacher_metrics[k] for k in METRICS}, "student_init": init_metrics,
                "defense": args.defense, "ratio_type": getattr(args, "ratio_type", None), "n_defense": len(images),
+               "train_precision": meta["precision"], "eval_precision": "fp32",
                "select_from": select_from, **prepared}
     # a teacher without a working backdoor (a clean one, a failed attack) is no test of a defense: say so before training
     attack = teacher_attack(args.read_dir)

@@ -208,15 +208,11 @@ def cpu_cores():
 
 def local_env(gpu, threads=1, parent=None):
     """A child's environment: the parent's (``parent``, default ``os.environ``), on GPU id ``gpu`` (a string for
-    ``CUDA_VISIBLE_DEVICES``; None: the CPU) with ``OMP_NUM_THREADS`` = ``threads``. A GPU child keeps an
-    ``OMP_NUM_THREADS`` the parent sets itself; a CPU child gets ``threads`` (one: ``--jobs`` of them share the
-    cores)."""
-    env = {**(os.environ if parent is None else parent)}
-    if gpu is None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    else:
+    ``CUDA_VISIBLE_DEVICES``; None: the CPU) with ``OMP_NUM_THREADS`` = ``threads`` whatever the parent's was (a
+    parent's value is its own share of the cores, not each of ``--jobs`` children's)."""
+    env = {**(os.environ if parent is None else parent), "OMP_NUM_THREADS": str(threads)}
+    if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 

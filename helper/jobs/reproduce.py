@@ -239,6 +239,24 @@ def failed(failures, logs, what="runs"):
                      f"{logs}; run the same command again to retry them")
 
 
+def check_precision(cells, common):
+    """Refuse, before any run starts, a grid whose flags ask for bf16 where a cell computes ASL (its runs would each
+    stop on the same line, ``helper.jobs.distill.run``): one line naming those cells."""
+    from helper.defenses import DEFENSES
+    from helper.defenses.options import defense_parser
+    from helper.jobs import grid as G
+    bad = []
+    for cell in cells:
+        label, defense, _, own = G.arm(cell)
+        argv = ["--defense", defense, *common, *own]
+        args, _ = defense_parser(argv).parse_known_args(argv)
+        if args.amp == "bf16" and DEFENSES[defense].needs_fp32(args):
+            bad.append(label)
+    if bad:
+        raise UserError(f"--amp bf16 with {', '.join(bad)}: ASL's gradient is rounding noise in bf16 (docs/gpu.md); "
+                        f"leave --amp at auto (bf16 for the others, fp32 for ASD) or narrow --defenses")
+
+
 @exits_cleanly
 def main(argv=None):
     args, passthrough = get_parser().parse_known_args(argv)
@@ -267,10 +285,11 @@ def main(argv=None):
         flags_of_teachers = attack_flags(args.attack_flags, [t["attack"] for t in teachers if t["folder"] is None])
     seeds = args.seeds if args.seeds is not None else list(range(preset["seeds"]))
     gpus = torch.cuda.device_count()  # this machine's, for --launcher local; each run decides --eval_every auto itself
-    out_dir = args.output_dir or make_run_dir(None, name=f"grid-{args.preset}")
-    os.makedirs(out_dir, exist_ok=True)
     common = [*preset["flags"], "--eval_every", str(args.eval_every), *passthrough,
               *(["--retune"] if args.retune else [])]
+    check_precision(cells, common)
+    out_dir = args.output_dir or make_run_dir(None, name=f"grid-{args.preset}")
+    os.makedirs(out_dir, exist_ok=True)
     epochs = args.epochs or preset["epochs"]
     if teachers:
         return over_attacks(args, teachers, flags_of_teachers, cells, seeds, epochs, common, out_dir, gpus)

@@ -20,7 +20,7 @@ import torch
 
 from helper.run.checkpoint import safe_load
 from helper.run.errors import UserError
-from helper.run.runlog import atomic_torch_save, open_run, read_jsonl, write_jsonl
+from helper.run.runlog import atomic_torch_save, open_run, read_jsonl, write_json, write_jsonl
 
 LAST = "last.pt"
 NOT_COMPARED = ("resume", "no_progress", "output_dir", "checkpoint_every")  # may differ between start and resume
@@ -87,6 +87,8 @@ def open_or_resume(args, name, record, out=print, defaults=None, resolved=None, 
         check_rng_device(last["rng"], torch.device(device), folder)
     if results is not None:
         os.remove(results_path)  # a stopped run's results are rewritten when it ends
+    if last is None:  # nothing was computed yet: the run starts afresh here, so args.json says where (device_used, ...)
+        write_json(args_path, record)
     log_path = os.path.join(folder, "log.jsonl")
     rows = read_jsonl(log_path, complete_only=True) if os.path.isfile(log_path) else []
     write_jsonl(log_path, rows[:last["n_rows"]] if last else [])

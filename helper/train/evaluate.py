@@ -6,7 +6,7 @@ import torch
 
 from helper.data.images import to_float
 from helper.data.trigger import apply_trigger
-from helper.run.system import autocast
+from helper.run.system import autocast, tf32_off
 
 
 @contextlib.contextmanager
@@ -54,7 +54,8 @@ def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contig
 
 def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
     """``{'acc', 'asr', 'asr_nontarget', 'ra', 'top_class_share', 'target_rate_clean'}`` of a model, in eval
-    mode, with one host sync.
+    mode, with one host sync. ``amp`` None (what every defense run uses): fp32 with TF32 off on CUDA, so every row of
+    a table is measured at one precision whatever its training ran in.
 
     ``asr`` is the share of all triggered test images classified as the target (the paper's number,
     about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
@@ -65,7 +66,8 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     non-target images classified as the target: the bias an ASR is measured against (a vanished trigger
     scores ``asr_nontarget`` equal to it).
     """
-    with eval_mode(model):
+    fp32 = tf32_off(eval_set.clean.device) if amp is None else contextlib.nullcontext()
+    with eval_mode(model), fp32:
         clean_pred = predict(model, eval_set.clean, batch_size, amp, memory_format)
         trig_pred = predict(model, eval_set.triggered, batch_size, amp, memory_format)
     hit = trig_pred == eval_set.target

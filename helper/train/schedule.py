@@ -42,8 +42,9 @@ class LrDrop:
     The student starts as the teacher, so its KD loss starts far below the threshold: reaching it means coming
     back down to it. The drop is armed by an epoch whose mean KD loss was above ``threshold``, or from epoch
     ``arm_epoch`` on (ASD: the end of its ASL-only shift phase; measured, ASD's KD loss at T 40 stayed below 1.0
-    even with a collapsed student, docs/method.md). ``dropped_at`` is the epoch of the drop; a run that is never armed
-    (plain KD, whose loss stays below) keeps its lr.
+    even with a collapsed student, docs/method.md). With an ``arm_epoch``, nothing before it counts: an epoch above
+    the threshold during the shift neither arms the drop nor lets a later dip drop the lr before ``arm_epoch``.
+    ``dropped_at`` is the epoch of the drop; a run that is never armed (plain KD, whose loss stays below) keeps its lr.
     """
 
     def __init__(self, optimizer, threshold=1.0, to_lr=1e-4, enabled=True, arm_epoch=None):
@@ -55,6 +56,8 @@ class LrDrop:
         """Record an epoch's mean KD loss; True when the lr was dropped at its end."""
         if not self.enabled or self.dropped_at is not None:
             return False
+        if self.arm_epoch is not None and epoch < self.arm_epoch:
+            return False  # the shift phase: nothing arms the drop yet
         if kd_mean > self.threshold:
             self.armed = True
             return False

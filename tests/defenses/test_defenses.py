@@ -97,6 +97,7 @@ def test_abd_vaccine_loss_by_hand():
     kd = torch.tensor([1.0, 2.0, 3.0, 4.0])
     flagged = torch.tensor([False, True, False, True])
     assert vaccine_loss(kd, flagged, 0.1).item() == pytest.approx((1 + 3) / 2 - 0.1 * (2 + 4) / 2)
+    # an all-flagged batch: finite, -coef x mean KD (its code divides by 0 kept samples: NaN)
     assert vaccine_loss(kd, torch.ones(4, dtype=torch.bool), 0.1).item() == pytest.approx(-0.25)
     assert vaccine_loss(kd, torch.zeros(4, dtype=torch.bool), 0.1).item() == pytest.approx(2.5)
 

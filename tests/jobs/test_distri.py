@@ -92,14 +92,17 @@ def test_dsextend_uses_train_plus_test(teacher_dir, tmp_path):
 
 def test_lr_drop_forced_on_waits_for_the_kd_loss_to_exceed_its_threshold(teacher_dir, tmp_path):
     """A KD loss that never rises above --lr_drop_kd never arms the drop (SPEC section 6); one above it at every
-    epoch arms it without firing: the lr stays 1e-3 either way."""
+    epoch arms it without firing, except inside ASD's shift phase, where nothing arms it: the lr stays 1e-3."""
     for threshold in ("1e9", "1e-12"):
         out = tmp_path / f"drop{threshold}"
         distri.main(fast_flags(teacher_dir, out) + ["--lr_drop", "on", "--lr_drop_kd", threshold, "--lr_drop_to", "1e-5"])
         rows, saved, _ = _read_run(out)
         assert saved["lr_dropped_at"] is None and [r["lr"] for r in rows] == [1e-3, 1e-3]
     last = torch.load(out / "last.pt", weights_only=True)
-    assert last["lr_drops"][-1] == {"armed": True, "dropped_at": None}
+    assert last["lr_drops"][-1] == {"armed": False, "dropped_at": None}  # ASD: epochs 0-1 are its shift, which never arms
+    kd = tmp_path / "kd"  # plain KD has no shift: a loss above the threshold arms the drop at once
+    distri.main(fast_flags(teacher_dir, kd) + ["--ratio_type", "fix", "--lr_drop", "on", "--lr_drop_kd", "1e-12"])
+    assert torch.load(kd / "last.pt", weights_only=True)["lr_drops"][-1] == {"armed": True, "dropped_at": None}
 
 
 def test_asd_lr_drop_is_armed_at_the_end_of_its_shift_phase(teacher_dir, tmp_path):

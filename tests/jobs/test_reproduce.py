@@ -9,6 +9,7 @@ from helper.jobs import reproduce
 from helper.jobs.grid import PRESETS, ROOT, build_grid, size_flags
 from helper.report.table import cell_summary, markdown
 from helper.run.runlog import read_jsonl
+from tests.conftest import write_teacher_dir
 
 SMOKE = ["--preset", "smoke", "--jobs", "2"]
 
@@ -247,11 +248,13 @@ def test_gpu_slots_are_the_parents_visible_gpus():
     assert [e["CUDA_VISIBLE_DEVICES"] for e in child_envs(4, 2, 2, parent={}, cores=8)] == ["0", "0", "1", "1"]
 
 
-def test_gpu_children_keep_the_parents_omp_num_threads_cpu_children_get_one():
+def test_gpu_children_get_their_share_of_the_cores_cpu_children_get_one():
+    """Issue 29: a GPU child gets cores // jobs threads even where the parent set OMP_NUM_THREADS itself (6 here:
+    the parent's own share, not each child's)."""
     from helper.jobs.grid import child_envs
     parent = {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "6", "KEEP": "x"}
     envs = child_envs(2, gpus=1, runs_per_gpu=2, parent=parent, cores=64)
-    assert [(e["CUDA_VISIBLE_DEVICES"], e["OMP_NUM_THREADS"], e["KEEP"]) for e in envs] == [("5", "6", "x")] * 2
+    assert [(e["CUDA_VISIBLE_DEVICES"], e["OMP_NUM_THREADS"], e["KEEP"]) for e in envs] == [("5", "32", "x")] * 2
     envs = child_envs(2, gpus=0, parent=parent, cores=64)
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["1", "1"] and envs[0]["CUDA_VISIBLE_DEVICES"] == "5"
     assert parent == {"CUDA_VISIBLE_DEVICES": "5", "OMP_NUM_THREADS": "6", "KEEP": "x"}  # the parent's is not changed
@@ -303,3 +306,17 @@ def test_a_bad_eval_every_is_one_clear_error(tmp_path, capsys):
         reproduce.main(["--read_dir", str(tmp_path), "--preset", "smoke", "--eval_every", "0"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--eval_every must be at least 1 (or auto), not 0" in err
+
+
+def test_bf16_with_an_asd_cell_is_refused_before_any_run(tmp_path, capsys):
+    """Issue 29: --amp bf16 passed through to a grid with an ASD cell stops the grid in one line naming the cell,
+    before any folder; a grid of KD and BCU alone may run in bf16 (checked only up to its first run here)."""
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--read_dir", teacher, "--preset", "smoke", "--output_dir", str(tmp_path / "g"), "--amp", "bf16"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--amp bf16 with asd" in err
+    assert not (tmp_path / "g").exists()
+    from helper.jobs.reproduce import check_precision
+    check_precision([("kd", 5000), ("bcu", 5000)], ["--amp", "bf16"])  # no error
+    check_precision([("asd", 5000, "asd-kd", ["--ratio_type", "fix"])], ["--amp", "bf16"])  # ASL weight 0: no error

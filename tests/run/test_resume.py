@@ -303,3 +303,21 @@ def test_eval_every_auto_resumes_a_run_started_with_the_number_it_amounts_to():
     assert differing_flags(saved, now, resolved={"eval_every": 1}) == ["--eval_every 5 -> 'auto'"]
     assert differing_flags(saved, now) == ["--eval_every 5 -> 'auto'"]
     assert differing_flags({"eval_every": "auto", "seed": 0}, now, resolved={"eval_every": 5}) == []
+
+
+def test_a_run_resumed_before_its_first_epoch_records_the_device_it_ran_on(teacher_dir, tmp_path):
+    """Issue 29: a run stopped before any last.pt and resumed (here: on the CPU, after it was opened on a GPU)
+    rewrites args.json's environment; the arguments themselves stay as given."""
+    out = tmp_path / "r"
+    flags = fast_flags(teacher_dir, out, epochs=1) + ["--no_progress"]
+    args = distri.defense_parser(flags).parse_args(flags)
+    record = {**json.loads(json.dumps(vars(args))), "device_used": "cuda:0", "precision": "bfloat16"}
+    os.makedirs(out)
+    with open(out / "args.json", "w") as f:
+        json.dump(record, f)
+    distri.main(flags + ["--resume"])
+    saved = json.load(open(out / "args.json"))
+    assert saved["device_used"] == "cpu" and saved["precision"] == "fp32"
+    given = {k: v for k, v in json.loads(json.dumps(vars(args))).items() if k != "resume"}
+    assert {k: saved[k] for k in given} == given and saved["resume"] is True
+    assert (out / "results.json").is_file()

@@ -82,3 +82,15 @@ def test_step_lr_is_multisteplr():
         opt.step()
         sched.step()
     assert step_lr(1e-3, 149, [150, 300, 600], 0.5) == 1e-3 and step_lr(1e-3, 300, [150, 300, 600], 0.5) == 2.5e-4
+
+
+def test_lr_drop_ignores_the_shift_phase_entirely():
+    """Issue 29: with an arm epoch (ASD's end of the shift), an epoch above the threshold *during* the shift does
+    not arm the drop, so a dip still inside the shift keeps the lr; the drop comes at the first epoch from the
+    arm epoch on whose loss is at or below the threshold."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    drop = LrDrop(opt, threshold=1.0, to_lr=1e-4, arm_epoch=10)
+    losses = [0.1, 2.0, 3.0, 0.5, 0.4, 1.5, 0.3, 0.2, 0.2, 0.2, 1.4, 0.9]   # above at 1, 2, 5; dips at 3 and 6
+    fired = [drop.step(epoch, kd) for epoch, kd in enumerate(losses)]
+    assert fired == [False] * 11 + [True] and drop.dropped_at == 11
+    assert not any(LrDrop(opt, arm_epoch=10).step(e, kd) for e, kd in enumerate(losses[:10]))
