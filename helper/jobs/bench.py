@@ -15,6 +15,10 @@ from helper.run.cli import add_system_args
 from helper.run.system import amp_dtype, configure, eval_batch_size, memory_format, select_device, tf32_off, use_compile
 
 
+# timed rows that are a defense with flags of its own: (defense, flags)
+VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"])}
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="bench.py: images per second of the ASD loop, plain KD, the "
                                             "public-code-style step and evaluation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,9 +32,11 @@ def get_args_parser():
                    help="clean test images (as many triggered ones are evaluated too); 10000 is the real test set")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference-style loop")
     g.add_argument("--no_reference", action="store_true", help="skip the reference-style loop")
-    g.add_argument("--defenses", nargs="*", default=["ibau", "sau", "nc"], metavar="NAME",
+    g.add_argument("--defenses", nargs="*", default=["ibau", "ibau-target", "sau", "nc"], metavar="NAME",
                    help="unlearning defenses whose own step is timed beside KD's (their defaults; nc's one-off "
-                        "inversion is timed apart, per pass over its images for the 10 classes); none: --defenses with no name")
+                        "inversion is timed apart, per pass over its images for the 10 classes); a name of VARIANTS "
+                        "is a defense with flags (ibau-target: ibau searching the teacher towards class 0); none: "
+                        "--defenses with no name")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
     g = p.add_argument_group("Profile")
@@ -86,9 +92,10 @@ def main(argv=None):
 
     defenses = {}
     for dname in args.defenses:
+        base, own = VARIANTS.get(dname, (dname, []))
         img_s, prepare_s = measure(dname, lambda: P.defense_throughput(
-            dname, teacher, timed, warm, bs, fmt, amp, args.seed, ["--batch_size", str(bs), "--nc_passes", "1"]
-            if dname == "nc" else ["--batch_size", str(bs)]))
+            base, teacher, timed, warm, bs, fmt, amp, args.seed, ["--batch_size", str(bs), "--nc_passes", "1"]
+            if base == "nc" else ["--batch_size", str(bs), *own]))
         defenses[dname] = {"img_s": img_s, "step_over_kd": kd_img_s / img_s, "prepare_s": prepare_s}
 
     reference_img_s = None
