@@ -74,8 +74,8 @@ class Defense:
         self.compile_losses = use_compile(device, args.compile)
         if args.lr_drop == "on" and not self.applies_lr_drop:
             from helper.run.errors import UserError
-            raise UserError(f"--lr_drop on: --defense {self.name} has no lr drop (only asd, and kd through it, follow "
-                            f"SPEC section 6's rule); leave --lr_drop at auto or off")
+            raise UserError(f"--lr_drop on: --defense {self.name} has no lr drop (SPEC section 6's rule is ASD's: asd "
+                            f"and the defenses that train through it, kd, clp, fineprune); leave --lr_drop at auto or off")
         self.lr_drop_enabled = self.applies_lr_drop and (
             args.lr_drop == "on" or (args.lr_drop == "auto" and n_defense >= 50000))
 

@@ -33,8 +33,9 @@ model is what the engine evaluates and writes as ``checkpoint.pkl`` (``evaluated
 are recomputed (``update_bn``) on the defense images, plain (no crop or flip: the statistics of what evaluation feeds
 it; its code runs its augmented training loader), in batches of ``--batch_size``, before each evaluation. The reported
 result (``selected.pkl``, ``--retune``) is the *final* average, as its code reports it (``selection_start``): the
-package's rule, the lowest training KD loss, would read the student of the constant-lr phase, whose loss rises when
-the lr jumps from the cosine's end (about 0) to 5e-3, and pick a student from before the average.
+package's rule reads the training KD loss of the student, not of the average, and at the defaults (100 epochs,
+``--select_from`` 50, averaging from 75) it could report a student from before averaging began (measured at 20 epochs
+with ``--select_from 15``, where every selectable epoch is an average: docs/experiments.md).
 
 Defaults from its ``scripts/Renofeation.sh``: SGD lr 0.01, momentum 0.9, weight decay 5e-3, batch 64. Ours:
 100 epochs (its 120,000 iterations of batch 64 are about 380 epochs of 20,000 images; BCU's and Fine-Pruning's
@@ -134,9 +135,8 @@ class Renofeation(Defense):
         return swa_start_epoch(a.reno_swa_start, a.epoch) if a.opt_lr > 0 else a.epoch
 
     def selection_start(self, select_from):
-        """With averaging, the result is the final average (epoch ``--epoch`` - 1), as Renofeation's code reports it:
-        the training KD loss of the averaged phase (a constant lr 5e-3 after the cosine's end near 0) rises and would
-        select a student from before the average."""
+        """With averaging, the result is the final average (epoch ``--epoch`` - 1), as Renofeation's code reports it;
+        the lowest training KD loss (the student's, not the average's) could pick an epoch before averaging began."""
         return self.args.epoch - 1 if self.swa_start() < self.args.epoch else select_from
 
     def selection_note(self, asked, effective):
