@@ -145,9 +145,10 @@ class IBAU(Defense):
 
         def climb(x, t_clean, times):
             for _ in range(times):
-                if a.adv_target is not None:
-                    model = student if a.adv_search == "student" else self.teacher
-                    with perturbed_mode(student):
+                if a.adv_target is not None:  # the student as the unlearning term sees it; the teacher as it is
+                    model, mode = ((student, perturbed_mode(student)) if a.adv_search == "student"
+                                   else (self.teacher, contextlib.nullcontext()))
+                    with mode:
                         _, g = input_grad(lambda xp: target_log_prob(
                             self.logits(model, xp, input_grad=True), a.adv_target), x, self.delta)
                 elif fused:

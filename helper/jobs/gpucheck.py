@@ -33,6 +33,7 @@ import time
 import torch
 
 from helper.run.errors import UserError, exits_cleanly
+from helper.run.runlog import atomic_write, read_jsonl, write_json
 
 STEPS = ("compile", "precision", "bench", "resume", "runs_per_gpu", "cell")
 
@@ -90,18 +91,19 @@ class Check:
                        str(self.size["synthetic_train"]), "--synthetic_test", str(self.size["synthetic_test"]),
                        "--device", str(self.device)])
             self.teacher_dir = folder
+            made = _read_json(os.path.join(folder, "results.json"))
             self.report["teacher"] = {"made_by": "adba.py", "seconds": round(time.time() - t0, 1),
-                                      **{k: v for k, v in json.load(open(os.path.join(folder, "results.json"))).items()
-                                         if k in ("acc", "asr_nontarget", "psnr")}}
+                                      **{k: made[k] for k in ("acc", "asr_nontarget", "psnr") if k in made}}
         return self.teacher_dir
 
     def write(self):
         os.makedirs(self.out, exist_ok=True)
         self.report["elapsed_s"] = round(time.time() - self.start, 1)
-        with open(os.path.join(self.out, "gpucheck.json"), "w") as f:
-            json.dump(self.report, f, indent=1, default=str)
-        with open(os.path.join(self.out, "gpucheck.md"), "w") as f:
-            f.write(markdown(self.report))
+        write_json(os.path.join(self.out, "gpucheck.json"), self.report)
+        def write_md(tmp):
+            with open(tmp, "w") as f:
+                f.write(markdown(self.report))
+        atomic_write(os.path.join(self.out, "gpucheck.md"), write_md)
 
 
 # ---------------------------------------------------------------- the steps
@@ -167,11 +169,16 @@ def step_bench(c):
                                         "reference_img_s", "defenses", "peak_gib")}
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _rows_and_results(folder):
-    rows = [{k: v for k, v in json.loads(line).items() if k != "time_s"}
-            for line in open(os.path.join(folder, "log.jsonl"))]
-    results = json.load(open(os.path.join(folder, "results.json")))
-    return rows, {k: v for k, v in results.items() if k not in ("train_time_s",)}
+    """A run's log rows and results.json without their times (``time_s``, ``train_time_s``)."""
+    rows = [{k: v for k, v in r.items() if k != "time_s"} for r in read_jsonl(os.path.join(folder, "log.jsonl"))]
+    results = _read_json(os.path.join(folder, "results.json"))
+    return rows, {k: v for k, v in results.items() if k != "train_time_s"}
 
 
 def step_resume(c):

@@ -137,12 +137,12 @@ def test_perturbed_pass_leaves_the_running_statistics_to_the_clean_images(mode):
     student.train()
     stage.step(x)
     got, want = _bn_stats(student), _bn_stats(reference)
-    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6) for k in want)
     d2, stage2, _, student2 = _ibau(["--adv_bn", "shared", "--adv_radius", "3", "--adv_init", "1"])
     student2.train()
     stage2.step(x)
     shared = _bn_stats(student2)
-    assert not all(torch.allclose(shared[k], want[k], atol=1e-6) for k in want)
+    assert not all(torch.allclose(shared[k], want[k], rtol=1e-5, atol=1e-6) for k in want)
 
 
 @pytest.mark.parametrize("mode", ["eval", "batch"])
@@ -169,7 +169,7 @@ def test_every_ascent_step_sees_the_same_student(mode):
         _, g = input_grad(lambda xp: soft_kl(t, probe(xp)), x, start)
     stage.step(x)
     expected = project(ascent_step(start, g, 0.3), 3.0)
-    assert torch.allclose(d.delta, expected, atol=1e-5)
+    assert torch.allclose(d.delta, expected, rtol=1e-4, atol=1e-5)  # two backward paths: summation order differs
 
 
 def test_frozen_bn_stats_normalises_by_the_batch_and_restores_everything():
