@@ -2,7 +2,9 @@
 
     python distri.py                      # ASD on the folder named by read_dir below
     python distri.py --ratio_type fix     # plain KD
-    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd, clp, fineprune (--defense NAME --help)
+    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc,
+                                          #   renofeation (--defense NAME --help)
+    python distri.py --defense auto       # scan the teacher (no trigger needed), run what the verdict calls for
     python distri.py --read_dir DIR       # another checkpoint folder
     python distri.py --demo               # the whole story offline, on synthetic data
 """
@@ -22,6 +24,10 @@ def main(argv=None, **defaults):
         return run_demo(args)
     if args.read_dir is None:
         args.read_dir = read_dir
+    if args.defense == "auto":
+        import sys
+        from helper.jobs.auto import run_auto
+        return run_auto(args, sys.argv[1:] if argv is None else argv)
     from helper.jobs.distill import run
     return run(args)
 

@@ -44,7 +44,8 @@ from helper.defenses.base import FINE_TUNING, Defense, check_adversary
 from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
-from helper.train.perturb import ascent_step, effect, input_grad, l2_norms, project, random_direction, soft_kl, stamp
+from helper.train.perturb import (ascent_step, effect, input_grad, l2_norms, load_inverted, project, random_direction,
+                                  soft_kl, stamp)
 
 
 def universal_unlearning_loss(kd, s_pert, t_clean, beta):
@@ -120,6 +121,13 @@ class IBAU(Defense):
                             "package before issue 29; kept to reproduce its numbers)")
         g.add_argument("--adv_temperature", type=float, default=8.0,
                        help="--adv_search teacher: the temperature T of the divergence delta climbs (ABD: 8)")
+        g.add_argument("--adv_every", type=int, default=1,
+                       help="delta climbs on every this-many-th training step only (and rests in between): with the "
+                            "frozen teacher searched, what it climbs does not change, so a rest costs little and "
+                            "saves the teacher's backward")
+        g.add_argument("--adv_start", default=None, metavar="SCAN_DIR",
+                       help="a scan.py folder: delta starts at its inverted universal trigger of --adv_target's class "
+                            "(projected to the ball) instead of --adv_init's random point")
         g.add_argument("--adv_target", type=int, default=None,
                        help="a suspected target class c (scan.py names one): delta climbs the searched model's "
                             "log-probability of c on x + delta instead of a divergence, every ascent step apart "
@@ -128,17 +136,26 @@ class IBAU(Defense):
     def check(self):
         a = self.args
         check_adversary(a)
+        if a.adv_every < 1:
+            raise UserError(f"--adv_every must be at least 1, not {a.adv_every}")
         if not a.adv_beta >= 0 or not a.adv_temperature > 0 or not 0 <= a.adv_init <= 1:
             raise UserError(f"--adv_beta must be >= 0, --adv_temperature > 0 and --adv_init in [0, 1] (got "
                             f"{a.adv_beta}, {a.adv_temperature}, {a.adv_init})")
         if a.adv_target is not None and not 0 <= a.adv_target < self.teacher.num_classes:
             raise UserError(f"--adv_target {a.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
+        if a.adv_start is not None and a.adv_target is None:
+            raise UserError("--adv_start needs --adv_target: the class whose inverted trigger delta starts from")
 
     def stages(self, student):
         a = self.args
         self.check()
-        self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.adv_radius,
-                                      torch.Generator().manual_seed(a.seed + 7), self.device)
+        if a.adv_start is not None:
+            start = load_inverted(a.adv_start, "universal", a.adv_target)[0].reshape(1, 3, 32, 32)
+            self.delta = project(start.to(self.device), a.adv_radius)
+        else:
+            self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.adv_radius,
+                                          torch.Generator().manual_seed(a.seed + 7), self.device)
+        self.steps = 0  # training steps taken: delta climbs on every --adv_every-th
         optimizer = self.optimizer(student.parameters())
         fused = a.adv_search == "student" and a.adv_target is None
         perturbed_mode = PERTURBED_BN["eval" if a.adv_bn == "shared" else a.adv_bn]
@@ -161,33 +178,38 @@ class IBAU(Defense):
 
         def step(x):
             t = self.logits(self.teacher, x)
+            climbs = self.steps % a.adv_every == 0
+            self.steps += 1
+            ride = fused and climbs  # the student's backward gives delta's last ascent step
+            times = (a.adv_steps - 1 if fused else a.adv_steps) if climbs else 0
             if a.adv_bn == "shared":  # one train-mode batch of clean and perturbed images (before issue 29)
-                climb(x, t, a.adv_steps - 1 if fused else a.adv_steps)
-                d = self.delta.detach().requires_grad_(fused)
+                climb(x, t, times)
+                d = self.delta.detach().requires_grad_(ride)
                 both = self.logits(student, torch.cat([x, stamp(x, d)]))
                 s, s_pert = both[:len(x)], both[len(x):]
             else:
                 # the clean batch first: its train-mode forward updates the running statistics, so every ascent step
                 # after it and the perturbed pass (whose backward reads those statistics) see one and the same student
                 s = self.logits(student, x)
-                climb(x, t, a.adv_steps - 1 if fused else a.adv_steps)
-                d = self.delta.detach().requires_grad_(fused)
+                climb(x, t, times)
+                d = self.delta.detach().requires_grad_(ride)
                 with perturbed_mode(student):
                     s_pert = self.logits(student, stamp(x, d))
             kd = self.kd(s, t)
             loss, unlearn = universal_unlearning_loss(kd, s_pert, t, a.adv_beta)
             optimizer_step(optimizer, loss)
-            if fused:  # the student's backward gave delta's gradient too: its last ascent step
+            if ride:  # the student's backward gave delta's gradient too: its last ascent step
                 self.delta = project(ascent_step(self.delta, d.grad, a.adv_lr), a.adv_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}
         return [self.make_stage("", a.epoch, student, optimizer, step)]
 
     def state(self):
-        return {"delta": self.delta.detach().cpu()}
+        return {"delta": self.delta.detach().cpu(), "steps": self.steps}
 
     def restore(self, state):
         if "delta" in state:
             self.delta = state["delta"].to(self.device)
+        self.steps = int(state.get("steps", 0))
 
     def diagnostics(self, model):
         """The base's dead units, and what delta does on the probe images to the teacher and the student

@@ -25,7 +25,8 @@ from helper.data.images import to_float
 from helper.defenses.base import FINE_TUNING, Defense
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
-from helper.train.perturb import MaskPattern, anomaly_index, effect, flagged_classes, invert_all, minimal_trigger
+from helper.train.perturb import (STATISTICS, THRESHOLDS, MaskPattern, anomaly_index, effect, flagged_classes, invert_all,
+                                  minimal_trigger)
 
 
 def stamp_share(x, share, family, params):
@@ -37,19 +38,38 @@ def stamp_share(x, share, family, params):
     return torch.cat([family.apply(x[:k], params), x[k:]])
 
 
-def add_inversion_args(g):
-    """The inversion's flags, shared by ``--defense nc`` and ``scan.py``."""
-    g.add_argument("--nc_images", type=int, default=500, help="defense images the inversion runs on (unaugmented)")
+# scan.py's and --defense auto's --nc_images and --nc_batch: on the eight teachers of docs/experiments.md, 100 images
+# in batches of 50 (the 60 Adam steps per class of 200 in batches of 100, at half the cost, about two KD epochs)
+# separated them as well as 200 did
+SCAN_IMAGES, SCAN_BATCH = 100, 50
+
+
+def add_inversion_args(g, images=500, batch=100):
+    """The inversion's flags, shared by ``--defense nc``, ``scan.py`` and ``--defense auto`` (``images``, ``batch``:
+    the defaults of ``--nc_images`` and ``--nc_batch``)."""
+    g.add_argument("--nc_images", type=int, default=images, help="defense images the inversion runs on (unaugmented)")
     g.add_argument("--nc_passes", type=int, default=30, help="passes over them per class")
-    g.add_argument("--nc_batch", type=int, default=100, help="batch size of the inversion")
+    g.add_argument("--nc_batch", type=int, default=batch, help="batch size of the inversion")
     g.add_argument("--nc_success", type=float, default=0.9,
                    help="share of the images a trigger must send to its class to count")
     g.add_argument("--nc_mask_max", type=float, default=1.0, help="largest mask value of the inverted trigger")
-    g.add_argument("--nc_threshold", type=float, default=2.0, help="anomaly index above which a class is flagged")
+    g.add_argument("--nc_statistic", default="ratio", choices=STATISTICS,
+                   help="the anomaly index of a class's trigger size: ratio, the median size over it; mad, Neural "
+                        "Cleanse's MAD index; log_mad, the MAD index of the log sizes")
+    g.add_argument("--nc_threshold", type=float, default=None,
+                   help="anomaly index above which a class is flagged (default: 2.5 for ratio, 2 for mad and log_mad)")
+    g.add_argument("--nc_stop", type=int, default=0,
+                   help="end a class's search once its goal is reached and this many passes have not shrunk its "
+                        "smallest trigger by 1%% (0: run every pass)")
 
 
 def inversion_kw(a):
-    return dict(passes=a.nc_passes, batch_size=a.nc_batch, success=a.nc_success)
+    return dict(passes=a.nc_passes, batch_size=a.nc_batch, success=a.nc_success, stop=a.nc_stop)
+
+
+def threshold_of(a):
+    """The flagging threshold the flags amount to: ``--nc_threshold``, else its statistic's default."""
+    return THRESHOLDS[a.nc_statistic] if a.nc_threshold is None else a.nc_threshold
 
 
 class NC(Defense):
@@ -73,8 +93,8 @@ class NC(Defense):
             found = invert_all(lambda z: self.logits(self.teacher, z, input_grad=True), self.inv_images, self.family,
                                range(self.teacher.num_classes), **inversion_kw(a))
         norms = [f.size for f in found]
-        index, median, mad = anomaly_index(norms)
-        flagged = flagged_classes(norms, a.nc_threshold)
+        index, median, mad = anomaly_index(norms, a.nc_statistic)
+        flagged = flagged_classes(norms, threshold_of(a), a.nc_statistic)
         self.flagged = flagged[0] if flagged else None
         self.params = found[self.flagged].params if flagged else None
         tqdm.write("nc: mask L1 per class " + " ".join(f"{n:.1f}" for n in norms) + "; "

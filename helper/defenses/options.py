@@ -3,7 +3,11 @@ the re-tuning attack; ``defense_parser`` puts the defense's own defaults on top 
 import argparse
 
 from helper.defenses import DEFENSES
+from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
 from helper.run.cli import TEMPERATURES, add_data_args, add_output_args, add_system_args, eval_every_value
+
+AUTO = "auto"  # --defense auto: scan, choose a defense from the verdict, run it, scan the student (helper.jobs.auto)
+CHOICES = sorted(DEFENSES) + [AUTO]
 
 
 def get_args_parser(add_help=True, defense="asd"):
@@ -11,7 +15,7 @@ def get_args_parser(add_help=True, defense="asd"):
     p = argparse.ArgumentParser(
         description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
                     "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc, "
-                    "renofeation)",
+                    "renofeation); --defense auto scans the teacher and chooses",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add_data_args(p)
@@ -23,8 +27,9 @@ def get_args_parser(add_help=True, defense="asd"):
                    help="1: the student starts from the teacher's weights; 0: from fresh weights")
 
     g = p.add_argument_group("Distillation")
-    g.add_argument("--defense", default=defense, choices=sorted(DEFENSES),
-                   help="the defense to run; its own flags are listed in its group below (see --defense NAME --help)")
+    g.add_argument("--defense", default=defense, choices=CHOICES,
+                   help="the defense to run; its own flags are listed in its group below (see --defense NAME --help); "
+                        "auto: scan the teacher (no trigger read), run the defense its verdict calls for, scan the student")
     g.add_argument("--temperature", type=float, default=40.0,
                    help="KD temperature T (of the selection quantity kd_loss, and of the defense's KD term)")
     g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
@@ -62,8 +67,13 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
     g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
 
-    cls = DEFENSES[defense]
-    cls.add_args(p.add_argument_group(f"Defense {cls.name}", cls.help))
+    if defense == AUTO:
+        add_inversion_args(p.add_argument_group(
+            "Defense auto", "the scan before and after (scan.py's search); the chosen defense runs at its own defaults "
+            "with the flags above"), images=SCAN_IMAGES, batch=SCAN_BATCH)
+    else:
+        cls = DEFENSES[defense]
+        cls.add_args(p.add_argument_group(f"Defense {cls.name}", cls.help))
 
     g = p.add_argument_group(
         "Re-tuning attack", "after the run, fine-tune a copy of the selected student on a few labelled training images, "
@@ -95,10 +105,10 @@ def defense_parser(argv=None, **defaults):
     defaults (its own paper's) on top of the package's and ``defaults`` (of a variant entry point) on top of
     those; a flag given on the command line wins over all of them."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=sorted(DEFENSES))
+    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=CHOICES)
     name = pre.parse_known_args(argv)[0].defense
     parser = get_args_parser(defense=name)
-    parser.set_defaults(**DEFENSES[name].defaults)
+    parser.set_defaults(**(DEFENSES[name].defaults if name != AUTO else {}))
     parser.set_defaults(**defaults)
     return parser
 

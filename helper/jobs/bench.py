@@ -16,7 +16,8 @@ from helper.run.system import amp_dtype, configure, eval_batch_size, memory_form
 
 
 # timed rows that are a defense with flags of its own: (defense, flags)
-VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"])}
+VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"]),
+            "ibau-target-every4": ("ibau", ["--adv_search", "teacher", "--adv_target", "0", "--adv_every", "4"])}
 
 
 def get_args_parser():
@@ -32,10 +33,12 @@ def get_args_parser():
                    help="clean test images (as many triggered ones are evaluated too); 10000 is the real test set")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference-style loop")
     g.add_argument("--no_reference", action="store_true", help="skip the reference-style loop")
-    g.add_argument("--defenses", nargs="*", default=["ibau", "ibau-target", "sau", "nc"], metavar="NAME",
+    g.add_argument("--defenses", nargs="*", default=["ibau", "ibau-target", "ibau-target-every4", "sau", "nc"],
+                   metavar="NAME",
                    help="unlearning defenses whose own step is timed beside KD's (their defaults; nc's one-off "
                         "inversion is timed apart, per pass over its images for the 10 classes); a name of VARIANTS "
-                        "is a defense with flags (ibau-target: ibau searching the teacher towards class 0); none: "
+                        "is a defense with flags (ibau-target: ibau searching the teacher towards class 0; -every4: climbing on "
+                        "every 4th step); none: "
                         "--defenses with no name")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")

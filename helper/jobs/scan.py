@@ -24,12 +24,12 @@ import time
 import torch
 
 from helper.data.images import to_float
-from helper.defenses.nc import add_inversion_args, inversion_kw
+from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args, inversion_kw, threshold_of
 from helper.run.cli import add_data_args, add_output_args, add_system_args
-from helper.run.runlog import make_run_dir, write_json
+from helper.run.runlog import atomic_torch_save, make_run_dir, write_json
 from helper.run.system import run_environment, setup
 from helper.train.evaluate import eval_mode
-from helper.train.perturb import MaskPattern, Universal, anomaly_index, flagged_classes, invert_all
+from helper.train.perturb import INVERTED, STATISTICS, MaskPattern, Universal, anomaly_index, flagged_classes, invert_all
 
 FAMILIES = ("mask", "universal")
 
@@ -43,9 +43,11 @@ def scan_parser():
     g = p.add_argument_group("Model")
     g.add_argument("--width", type=int, default=None, help="ResNet18 base width; default: read from the checkpoint")
     g = p.add_argument_group("Scan")
-    add_inversion_args(g)
-    g.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
-                   help="trigger families searched: mask (x (1 - m) + p m, size ||m||_1), universal (x + delta, ||delta||_2)")
+    add_inversion_args(g, images=SCAN_IMAGES, batch=SCAN_BATCH)
+    g.add_argument("--families", nargs="+", default=["mask"], choices=FAMILIES,
+                   help="trigger families searched: mask (x (1 - m) + p m, size ||m||_1), universal (x + delta, "
+                        "||delta||_2: at 30 passes its sizes did not tell a backdoored teacher from a clean one, "
+                        "docs/experiments.md)")
     g.add_argument("--universal_lr", type=float, default=0.01, help="Adam's lr of the universal perturbation")
     g.add_argument("--eval_target", type=int, default=None,
                    help="evaluation only, when the folder holds the trigger: the class its cosine is measured for "
@@ -59,13 +61,26 @@ def family(name, args):
     return MaskPattern(args.nc_mask_max) if name == "mask" else Universal(args.universal_lr)
 
 
-def summarise(found, threshold):
-    """One family's numbers: size, success and reached per class, anomaly index, median, MAD, flagged classes."""
+def summarise(found, threshold, statistic="ratio"):
+    """One family's numbers: size, success, reached and passes run per class, the anomaly index of ``statistic``
+    (both statistics are recorded: ``index_mad``, ``index_log_mad``), median, MAD, flagged classes, and
+    ``gap``: the second-smallest size over the smallest."""
     sizes = [f.size for f in found]
-    index, median, mad = anomaly_index(sizes)
+    index, median, mad = anomaly_index(sizes, statistic)
+    order = sorted(sizes)
     return {"size": sizes, "success": [f.success for f in found], "reached": [f.reached for f in found],
-            "anomaly_index": index.tolist(), "median": median, "mad": mad,
-            "flagged": flagged_classes(sizes, threshold)}
+            "passes": [f.passes for f in found], "statistic": statistic, "anomaly_index": index.tolist(),
+            "median": median, "mad": mad, "flagged": flagged_classes(sizes, threshold, statistic),
+            **{f"index_{name}": anomaly_index(sizes, name)[0].tolist() for name in STATISTICS},
+            "gap": order[1] / max(order[0], 1e-12) if len(order) > 1 else None}
+
+
+def margin(summary, threshold):
+    """How far a family's verdict is from changing: the largest anomaly index of a class below the median minus
+    ``threshold`` (positive: a class is flagged by that much; negative: the nearest class is that far below)."""
+    sizes = summary["size"]
+    below = [c for c in range(len(sizes)) if sizes[c] < sorted(sizes)[(len(sizes) - 1) // 2]]
+    return max((summary["anomaly_index"][c] for c in below), default=0.0) - threshold
 
 
 def verdict(families):
@@ -81,17 +96,19 @@ def verdict(families):
     return "backdoored", max(votes, key=lambda c: votes[c])
 
 
-def scan_model(model, images, families, n_classes, threshold=2.0, out=print, **kw):
+def scan_model(model, images, families, n_classes, threshold=2.5, out=print, statistic="ratio", **kw):
     """The scan of any model (a callable from images to logits): per family of ``families`` ({name: family}),
     the smallest trigger towards each class (``invert_all``, ``kw`` its settings) and the family's summary; then
     the verdict. Returns (found, summaries, verdict, target)."""
     found, summaries = {}, {}
     with eval_mode(model):
         for name, fam in families.items():
-            found[name] = invert_all(model, images, fam, range(n_classes), **kw)
-            s = summaries[name] = summarise(found[name], threshold)
+            traces = []
+            found[name] = invert_all(model, images, fam, range(n_classes), traces=traces, **kw)
+            s = summaries[name] = summarise(found[name], threshold, statistic)
+            s.update(margin=margin(s, threshold), trace=[[[round(v, 5) for v in t] for t in tr] for tr in traces])
             out(f"{name:>9}: size per class " + " ".join(f"{v:.2f}" for v in s["size"])
-                + f"; anomaly index max {max(s['anomaly_index']):.2f}; flagged {s['flagged'] or 'none'}")
+                + f"; anomaly index ({statistic}) max {max(s['anomaly_index']):.2f}; flagged {s['flagged'] or 'none'}")
     return (found, summaries, *verdict(summaries))
 
 
@@ -101,14 +118,15 @@ def perturbation(fam, params, x):
         return (fam.apply(x, params) - x).mean(0)
 
 
-def run_scan(args, out=print):
+def run_scan(args, out=print, checkpoint="checkpoint.pkl"):
+    """The scan of ``args.read_dir``'s ``checkpoint`` into a new folder; returns the results written to scan.json."""
     device, amp, _ = setup(args)
     from helper.jobs.distill import load_data
     from helper.run.checkpoint import load_model
     from helper.run.errors import UserError
     if not args.read_dir or not os.path.isdir(args.read_dir):
         raise UserError(f"read_dir not found: {args.read_dir!r} (pass --read_dir DIR, a teacher folder)")
-    model = load_model(os.path.join(args.read_dir, "checkpoint.pkl"), args.width).to(device).eval()
+    model = load_model(os.path.join(args.read_dir, checkpoint), args.width).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     images = to_float(load_data(args)[2].x[:args.nc_images]).to(device)
@@ -117,10 +135,15 @@ def run_scan(args, out=print):
     out(f"scan of {args.read_dir}: {len(images)} defense images, families {', '.join(args.families)}; into {out_dir}")
     start = time.time()
     found, summaries, said, target = scan_model(model, images, {n: family(n, args) for n in args.families},
-                                                model.num_classes, args.nc_threshold, out, **inversion_kw(args))
+                                                model.num_classes, threshold_of(args), out, args.nc_statistic,
+                                                **inversion_kw(args))
     results = {"verdict": said, "target": target, "families": summaries, "n_images": len(images),
-               "threshold": args.nc_threshold, "time_s": round(time.time() - start, 1), "read_dir": args.read_dir}
+               "threshold": threshold_of(args), "statistic": args.nc_statistic,
+               "time_s": round(time.time() - start, 1), "read_dir": args.read_dir, "checkpoint": checkpoint,
+               "out_dir": out_dir}
     write_json(os.path.join(out_dir, "scan.json"), results)  # the verdict, before any trigger file is opened
+    atomic_torch_save({n: [[p.cpu() for p in f.params] for f in fs] for n, fs in found.items()},
+                      os.path.join(out_dir, INVERTED))
     out(f"verdict: {said}" + (f", target class {target} (anomaly index "
                               + ", ".join(f"{n} {summaries[n]['anomaly_index'][target]:.2f}" for n in summaries) + ")"
                               if target is not None else ""))

@@ -30,6 +30,7 @@ from helper.report.attention import (
 from helper.report.plot import plot_attention, plot_trigger, plt, save_figure
 from helper.run.checkpoint import load_model
 from helper.run.errors import UserError, exits_cleanly
+from helper.run.runlog import read_jsonl
 from helper.train.schedule import asd_ratio, loss_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -410,6 +411,40 @@ def draw_defenses(grid_dir, out, teachers=("badnets", "blended", "adba"), floors
     return out
 
 
+def draw_curves(folders, out, labels=None, floor=None):
+    """Per-epoch Acc and ASR non-target of several runs of one teacher (their ``log.jsonl``: the epochs that were
+    evaluated), one line per run, the selected epoch marked; ``floor``: a run of the clean teacher with this
+    trigger, whose ``asr_nontarget`` is drawn as a dashed line."""
+    labels = labels or [folder_label(f) for f in folders]
+    if len(labels) != len(folders):
+        raise UserError(f"--labels: {len(labels)} names for {len(folders)} runs; give one per run")
+    runs = [read_run(f) for f in folders]
+    same_teacher(runs)
+    fig, (ax_acc, ax_asr) = plt.subplots(1, 2, figsize=(10, 4))
+    for k, (run, label) in enumerate(zip(runs, labels)):
+        rows = [r for r in read_jsonl(os.path.join(run["dir"], "log.jsonl")) if "acc" in r and "stage" not in r]
+        if not rows:
+            raise UserError(f"{run['dir']}/log.jsonl holds no evaluated epoch")
+        epochs = [r["epoch"] for r in rows]
+        for ax, key in ((ax_acc, "acc"), (ax_asr, "asr_nontarget")):
+            ax.plot(epochs, [r[key] for r in rows], marker="o", ms=3, color=f"C{k}", label=label)
+            best = (run["results"] or {}).get("best_epoch")
+            if best in epochs:
+                ax.scatter([best], [rows[epochs.index(best)][key]], s=90, facecolor="none", edgecolor=f"C{k}", zorder=3)
+    if floor is not None:
+        ax_asr.axhline(_read_json(os.path.join(floor, "results.json"), "the floor run's results")["asr_nontarget"],
+                       color="0.4", ls="--", lw=1, label="floor (the clean teacher with this trigger)")
+    for ax, name in ((ax_acc, "Acc (clean test images)"), (ax_asr, "ASR non-target")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    ax_asr.legend(fontsize=8)
+    fig.text(0.5, 0.005, "circled: the selected epoch (lowest KD loss from --select_from)", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_figure(fig, out)
+    return out
+
+
 # ---------------------------------------------------------------- the command
 
 def parser():
@@ -437,6 +472,11 @@ def parser():
     d.add_argument("--cells", nargs="+", default=None, help="only these cells or arms, in this order (default: all)")
     d.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: all finished)")
     d.add_argument("--out", default="defenses.png")
+    c = sub.add_parser("curves", help="per-epoch Acc and ASR non-target of several runs of one teacher")
+    c.add_argument("runs", nargs="+", help="defense run folders (distri.py), all of one teacher")
+    c.add_argument("--labels", nargs="+", default=None, help="a name per run (default: the folder's)")
+    c.add_argument("--floor", default=None, metavar="RUN", help="a run of the clean teacher with this trigger")
+    c.add_argument("--out", default="curves.png")
     return p
 
 
@@ -449,6 +489,8 @@ def main(argv=None):
         path = compare_attention(args.runs, args.out, args.layers, args.images)
     elif args.command == "trigger":
         path = draw_trigger(args.teacher_dir, args.out, args.dataset, args.images)
+    elif args.command == "curves":
+        path = draw_curves(args.runs, args.out, args.labels, args.floor)
     elif args.command == "defenses":
         path = draw_defenses(args.grid_dir, args.out, args.teachers, args.floors, args.cells, args.seeds)
     else:

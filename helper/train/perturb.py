@@ -11,6 +11,7 @@ Small functions on [0, 1] images; a model is any callable from images to logits.
 
 A perturbed image is always ``stamp(x, delta) = clip(x + delta, 0, 1)``: a valid image.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -152,21 +153,44 @@ def sau_shared_loss(model_pert_logits, ref_pert_label, ref_fooled):
 
 # ---------------------------------------------------------------- the smallest trigger towards a class
 
-def anomaly_index(norms):
-    """Neural Cleanse's anomaly index of each class's trigger size, as the SAU repository's port computes it:
-    ``|n_c - median| / (1.4826 * MAD)``, MAD = median of ``|n - median|``; ``torch.median`` (the lower middle
-    of an even count). Returns (index per class, median, MAD x 1.4826)."""
+STATISTICS = ("ratio", "log_mad", "mad")
+# each statistic's default threshold. ratio: 2.5 separates the eight teachers of docs/experiments.md (clean up to
+# 1.89, backdoored from 2.71); 3, chosen on six of them first, missed the seventh (a width-16 ADBA teacher, 2.71)
+THRESHOLDS = {"ratio": 2.5, "log_mad": 2.0, "mad": 2.0}
+
+
+def anomaly_index(norms, statistic="mad"):
+    """How anomalously small each class's trigger is, by ``statistic``:
+
+    - ``mad``: Neural Cleanse's anomaly index, as the SAU repository's port computes it: ``|n_c - median| /
+      (1.4826 * MAD)``, MAD = median of ``|n - median|``; ``torch.median`` (the lower middle of an even count);
+    - ``log_mad``: the same on ``ln n``;
+    - ``ratio``: ``median / n_c``, how many times smaller than the median class's trigger it is.
+
+    The MAD indices measure the distance in units of the other classes' spread, so a spread that happens to be
+    tight (a clean teacher whose triggers all need 40-55) makes an ordinary small class anomalous, and a wide one
+    (10-60) hides a trigger ten times smaller than the median; the ratio does not depend on the spread
+    (docs/experiments.md, "The scan's statistic"). Returns (index per class, median, MAD x 1.4826), the last two
+    of the sizes (of their logarithms for ``log_mad``)."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, not {statistic!r}")
     n = torch.as_tensor(norms, dtype=torch.float64)
+    if statistic == "log_mad":
+        n = n.clamp_min(1e-12).log()
     median = n.median()
     mad = MAD_CONSISTENCY * (n - median).abs().median()
+    if statistic == "ratio":
+        return median / n.clamp_min(1e-12), float(median), float(mad)
     return (n - median).abs() / mad.clamp_min(1e-12), float(median), float(mad)
 
 
-def flagged_classes(norms, threshold=2.0):
-    """Classes whose trigger is smaller than the median and whose anomaly index exceeds ``threshold``,
-    smallest trigger first (Neural Cleanse's rule)."""
-    index, median, _ = anomaly_index(norms)
+def flagged_classes(norms, threshold=None, statistic="mad"):
+    """Classes whose trigger is smaller than the median and whose anomaly index of ``statistic`` exceeds
+    ``threshold`` (default: the statistic's, ``THRESHOLDS``), smallest trigger first (Neural Cleanse's rule)."""
+    threshold = THRESHOLDS[statistic] if threshold is None else threshold
+    index, _, _ = anomaly_index(norms, statistic)
     n = torch.as_tensor(norms, dtype=torch.float64)
+    median = n.median()
     hits = [c for c in range(len(n)) if n[c] < median and index[c] > threshold]
     return sorted(hits, key=lambda c: float(n[c]))
 
@@ -224,25 +248,30 @@ class Inverted:
     success: float     # its share of images sent to ``target``
     reached: bool      # whether any pass reached the success goal
     params: list       # the trigger's parameters at that point (detached)
+    passes: int = 0    # passes run (fewer than asked when ``stop`` ended the search)
 
 
 def minimal_trigger(model, images, target, family, passes=30, batch_size=100, success=0.98, init_cost=1e-3,
-                    patience=2, generator=None, params=None):
+                    patience=2, generator=None, params=None, stop=0, trace=None):
     """The smallest trigger of ``family`` that sends ``success`` of ``images`` to ``target`` (Neural Cleanse's
     search): Adam (lr ``family.lr``, betas 0.5, 0.9) on ``CE(model(apply(x)), target) + cost * size``, ``passes``
     passes over ``images`` in order; after each pass the cost goes x2 when the pass's attack success was
     >= ``success`` for ``patience`` passes in a row, /2^1.5 when it was below for as long; the smallest trigger
     of a successful pass is kept (its last batch's trigger, the one whose answers ended the pass; with one batch
-    per pass its success is exact). ``params`` warm-starts the search. No weight of ``model`` moves."""
+    per pass its success is exact). ``params`` warm-starts the search. No weight of ``model`` moves.
+
+    ``stop`` > 0 ends the search once the goal has been reached and ``stop`` passes in a row have not shrunk the
+    smallest successful trigger by 1% (Neural Cleanse's early stop, its threshold 0.99); 0 runs every pass.
+    ``trace``: a list that gets one ``(rate, size, cost)`` per pass."""
     generator = generator or torch.Generator().manual_seed(0)
     device = images.device
     params = [p.detach().clone().requires_grad_(True) for p in
               (params or family.init(tuple(images.shape[1:]), generator, device))]
     opt = torch.optim.Adam(params, lr=family.lr, betas=(0.5, 0.9))
-    cost, up, down = init_cost, 0, 0
+    cost, up, down, stale, done = init_cost, 0, 0, 0, 0
     best = None
     labels = torch.full((len(images),), int(target), dtype=torch.long, device=device)
-    for _ in range(passes):
+    for done in range(1, passes + 1):
         hits = torch.zeros((), device=device)  # summed on the device: one host read per pass
         for i in range(0, len(images), batch_size):
             x, y = images[i:i + batch_size], labels[i:i + batch_size]
@@ -255,6 +284,12 @@ def minimal_trigger(model, images, target, family, passes=30, batch_size=100, su
             opt.step()
             hits += (logits.detach().argmax(1) == y).sum()
         rate, size = hits.item() / len(images), float(size.detach())
+        if trace is not None:
+            trace.append((rate, size, cost))
+        if rate >= success and (best is None or size < 0.99 * best.size):
+            stale = 0
+        elif best is not None:
+            stale += 1
         if rate >= success and (best is None or size < best.size):
             best = Inverted(int(target), size, rate, True, used)
         up, down = (up + 1, 0) if rate >= success else (0, down + 1)
@@ -262,18 +297,43 @@ def minimal_trigger(model, images, target, family, passes=30, batch_size=100, su
             cost, up = cost * 2, 0
         elif down >= patience:
             cost, down = cost / 2 ** 1.5, 0
+        if stop and best is not None and stale >= stop:
+            break
     if best is None:
         with torch.no_grad():
             rate = sum(int((model(family.apply(images[i:i + batch_size], params)).argmax(1) == int(target)).sum())
                        for i in range(0, len(images), batch_size)) / len(images)
         best = Inverted(int(target), float(family.size(params).detach()), rate, False, [p.detach().clone() for p in params])
+    best.passes = done
     return best
 
 
-def invert_all(model, images, family, classes, **kw):
-    """``minimal_trigger`` for every class of ``classes``, each from its own seeded start; a list of ``Inverted``."""
-    return [minimal_trigger(model, images, c, family, generator=torch.Generator().manual_seed(1000 + c), **kw)
-            for c in classes]
+def invert_all(model, images, family, classes, traces=None, **kw):
+    """``minimal_trigger`` for every class of ``classes``, each from its own seeded start; a list of ``Inverted``.
+    ``traces``: a list that gets each class's per-pass ``(rate, size, cost)`` list."""
+    found = []
+    for c in classes:
+        trace = [] if traces is not None else None
+        found.append(minimal_trigger(model, images, c, family, generator=torch.Generator().manual_seed(1000 + c),
+                                     trace=trace, **kw))
+        if traces is not None:
+            traces.append(trace)
+    return found
+
+
+INVERTED = "inverted.pt"  # scan.py's inverted triggers: {family: [per class: its parameters]}
+
+
+def load_inverted(folder, family, target):
+    """The parameters of the trigger of ``family`` that ``scan.py`` inverted towards class ``target``, from its
+    folder's ``inverted.pt`` (read weights-only); a missing or foreign file is one UserError naming it."""
+    from helper.run.checkpoint import safe_load
+    from helper.run.errors import UserError
+    path = os.path.join(folder, INVERTED)
+    found = safe_load(path, "scan.py's inverted triggers")
+    if not isinstance(found, dict) or not isinstance(found.get(family), list) or not 0 <= target < len(found[family]):
+        raise UserError(f"{path} holds no {family} trigger of class {target} (is {folder} a scan.py folder?)")
+    return [p.float() for p in found[family][target]]
 
 
 def effect(model, x, x_pert):

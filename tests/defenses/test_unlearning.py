@@ -249,3 +249,41 @@ def test_adv_target_outside_the_classes_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         distri.main(fast_flags(teacher, tmp_path / "run") + ["--defense", "ibau", "--adv_target", "10"])
     assert e.value.code == 2 and "--adv_target 10" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_ibau_starts_from_the_scans_inverted_trigger(tmp_path, capsys):
+    """``--adv_start SCAN_DIR``: delta starts at the scan's universal trigger of ``--adv_target``'s class, projected
+    to the ball (an inverted delta of L2 5 on a ball of 3 starts as that delta x 3/5); an ascent step of 1e-9 per
+    batch leaves it there for the check. Without ``--adv_target`` or with no inverted.pt: one line, no folder."""
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    scan_dir = tmp_path / "scan"
+    scan_dir.mkdir()
+    deltas = [torch.randn(3, 32, 32) for _ in range(10)]
+    deltas[4] = deltas[4] * 5 / deltas[4].norm()
+    torch.save({"universal": [[d] for d in deltas], "mask": []}, scan_dir / "inverted.pt")
+    out = tmp_path / "run"
+    distri.main(fast_flags(teacher, out, epochs=1) + ["--defense", "ibau", "--adv_search", "teacher", "--adv_target", "4",
+                                                      "--adv_start", str(scan_dir), "--adv_lr", "1e-9"])
+    delta = torch.load(out / "last.pt", weights_only=True)["defense"]["delta"]
+    assert torch.allclose(delta.flatten(), (deltas[4] * 3 / 5).flatten(), atol=1e-6)
+    for extra, said in ((["--adv_start", str(scan_dir)], "--adv_start needs --adv_target"),
+                        (["--adv_start", str(tmp_path), "--adv_target", "4"], "inverted triggers file not found")):
+        with pytest.raises(SystemExit) as e:
+            distri.main(fast_flags(teacher, tmp_path / "refused", epochs=1) + ["--defense", "ibau", *extra])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("every,climbs", [(1, 4), (3, 2)])
+def test_ibau_climbs_on_every_nth_step_only(tmp_path, monkeypatch, every, climbs):
+    """Two epochs of two steps (128 images, batch 64): with ``--adv_every 3`` delta climbs at steps 0 and 3 only;
+    the count of steps is part of the resumable state."""
+    import helper.defenses.ibau as ibau
+    calls = []
+    real = ibau.input_grad
+    monkeypatch.setattr(ibau, "input_grad", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    out = tmp_path / "run"
+    distri.main(fast_flags(teacher, out) + ["--defense", "ibau", "--adv_search", "teacher", "--adv_every", str(every)])
+    assert len(calls) == climbs
+    assert torch.load(out / "last.pt", weights_only=True)["defense"]["steps"] == 4

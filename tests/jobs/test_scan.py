@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import scan
-from helper.jobs.scan import scan_model, verdict
-from helper.train.perturb import MaskPattern, Universal
+from helper.jobs.scan import margin, scan_model, verdict
+from helper.train.perturb import MaskPattern, Universal, anomaly_index
 from tests.conftest import write_teacher_dir
 
 
@@ -64,6 +64,14 @@ def test_verdict_counts_families_then_index():
     assert verdict(s) == ("no backdoor found", None)
 
 
+def test_margin_is_the_nearest_class_below_the_median_against_the_threshold():
+    """Sizes 1 2 5 6 9 (median 5): the classes below it have indices 3.0 and 2.5 here, so the margin to the
+    threshold 2 is +1.0; a large index above the median (class 4) does not count."""
+    s = {"size": [1, 2, 5, 6, 9], "anomaly_index": [3.0, 2.5, 0.0, 0.3, 9.0]}
+    assert margin(s, 2.0) == pytest.approx(1.0)
+    assert margin(s, 3.5) == pytest.approx(-0.5)
+
+
 def scan_flags(read_dir, out):
     return ["--read_dir", str(read_dir), "--output_dir", str(out), "--dataset", "synthetic", "--finetunedata",
             "synthetic", "--synthetic_train", "256", "--synthetic_test", "64", "--nc_images", "32", "--nc_passes", "2",
@@ -83,12 +91,21 @@ def test_scan_writes_its_files_and_reads_the_trigger_only_after_the_verdict(tmp_
             opened.append((name, verdict_written))
         return real_load(f, *a, **kw)
     monkeypatch.setattr(torch, "load", spying_load)
-    results = scan.main(scan_flags(teacher, out))
+    results = scan.main(scan_flags(teacher, out) + ["--families", "mask", "universal"])
     assert sorted(opened) == [("mask.pt", True), ("pattern.pt", True)]  # opened, and only after the verdict
     saved = json.loads((out / "scan.json").read_text())
     assert saved["verdict"] == results["verdict"] and set(saved["families"]) == {"mask", "universal"}
     fam = saved["families"]["mask"]
-    assert len(fam["size"]) == len(fam["anomaly_index"]) == len(fam["success"]) == 10
+    assert len(fam["size"]) == len(fam["anomaly_index"]) == len(fam["success"]) == len(fam["trace"]) == 10
+    assert fam["statistic"] == "ratio" and fam["anomaly_index"] == fam["index_ratio"] and saved["threshold"] == 2.5
+    assert fam["index_mad"] == pytest.approx(anomaly_index(fam["size"])[0].tolist())
+    median = sorted(fam["size"])[4]  # the lower middle of ten
+    assert fam["index_ratio"] == pytest.approx([median / v for v in fam["size"]])
+    assert fam["gap"] == pytest.approx(sorted(fam["size"])[1] / sorted(fam["size"])[0])
+    assert all(len(t) == p == 2 for t, p in zip(fam["trace"], fam["passes"]))  # --nc_passes 2, no early stop
+    inverted = torch.load(out / "inverted.pt", weights_only=True)  # the inverted triggers, per family and class
+    assert [tuple(p.shape) for p in inverted["mask"][3]] == [(1, 32, 32), (3, 32, 32)]
+    assert [tuple(p.shape) for p in inverted["universal"][3]] == [(3, 32, 32)]
     assert -1 <= saved["evaluation"]["mask"]["cosine"] <= 1 and saved["evaluation"]["true_mask_l1"] == pytest.approx(36 * 0.3)
     assert (out / "scan.png").stat().st_size > 0 and (out / "args.json").is_file()
 

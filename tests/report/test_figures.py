@@ -285,3 +285,26 @@ def test_the_defenses_figure_reads_finished_runs_of_every_invocation(tmp_path, c
     with pytest.raises(SystemExit):
         figures.main(["defenses", str(grid), "--teachers", "badnets", "adba", "--floors", str(grid / "floor")])
     assert "one per teacher" in capsys.readouterr().err
+
+
+def test_curves_command_draws_the_evaluated_epochs_and_refuses_what_it_cannot_draw(teacher_dir, tmp_path, capsys):
+    runs = []
+    for k, name in enumerate(("ibau", "target")):
+        run = _fake_run(tmp_path / name, teacher_dir, defense="ibau", seed=k)
+        rows = [{"epoch": e, "kd_loss": 1.0, **({"acc": 0.5 + 0.01 * e, "asr_nontarget": 0.5 - 0.05 * e} if e % 2 else {})}
+                for e in range(6)]
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    floor = tmp_path / "floor"
+    floor.mkdir()
+    (floor / "results.json").write_text(json.dumps({"asr_nontarget": 0.03}))
+    out = str(tmp_path / "curves.png")
+    assert figures.main(["curves", *runs, "--labels", "ibau", "targeted", "--floor", str(floor), "--out", out]) == out
+    assert _is_png(out)
+    with pytest.raises(SystemExit) as e:
+        figures.main(["curves", *runs, "--labels", "one", "--out", out])
+    assert e.value.code == 2 and "2 runs" in capsys.readouterr().err
+    (tmp_path / "target" / "log.jsonl").write_text(json.dumps({"epoch": 0, "kd_loss": 1.0}) + "\n")
+    with pytest.raises(SystemExit):
+        figures.main(["curves", *runs, "--out", out])
+    assert "no evaluated epoch" in capsys.readouterr().err

@@ -148,6 +148,56 @@ def test_anomaly_index_on_hand_made_norms():
     assert flagged_classes([10, 10.5, 9.5, 10, 11, 9]) == []
 
 
+def test_log_anomaly_index_on_hand_made_norms():
+    """Sizes spread multiplicatively (the issue's faint ADBA teacher: 1.0 against 10-61): on the sizes the MAD
+    index of the smallest stays under 2, on their logarithms it is far above.
+    sizes 1, 10, 20, 30, 40, 60 -> median (lower middle) 20, |n - 20| = 19 10 0 10 20 40, MAD (lower middle) 10
+    x 1.4826: index of 1 = 19 / 14.826 = 1.28. logs: median ln 20, |ln n - ln 20| = ln 20, ln 2, 0, ln 1.5, ln 2,
+    ln 3 -> MAD ln 2 x 1.4826: index of 1 = ln 20 / (1.4826 ln 2) = 2.915."""
+    import math
+    sizes = [1, 10, 20, 30, 40, 60]
+    index, median, _ = anomaly_index(sizes)
+    assert median == 20 and index[0].item() == pytest.approx(19 / (10 * 1.4826))
+    index, median, mad = anomaly_index(sizes, "log_mad")
+    assert median == pytest.approx(math.log(20)) and mad == pytest.approx(1.4826 * math.log(2))
+    assert index[0].item() == pytest.approx(math.log(20) / (1.4826 * math.log(2)))
+    assert flagged_classes(sizes) == [] and flagged_classes(sizes, statistic="log_mad") == [0]
+    scaled = anomaly_index([7 * v for v in sizes], "log_mad")[0]  # on logs the index does not depend on the unit
+    assert torch.allclose(scaled, index)
+
+
+def test_ratio_index_ignores_the_spread_that_fools_the_mad_index():
+    """The median over each size. A clean-looking tight spread (40-55, the smallest 30: 1.5x smaller than the
+    median) is flagged by the MAD index and not by the ratio; a wide spread with one size 7x below the median is
+    flagged by the ratio (threshold 2.5) and not by the MAD index.
+    tight: median (lower middle of ten) 45, |n - 45| = 15 5 3 2 0 1 3 6 8 10 -> MAD 3 x 1.4826, index of 30 = 3.37;
+    ratio 45 / 30 = 1.5. wide: median 35, |n - 35| -> MAD 20 x 1.4826, index of 5 = 30 / 29.65 = 1.01; ratio 7."""
+    tight = [30, 40, 42, 43, 45, 46, 48, 51, 53, 55]
+    assert anomaly_index(tight)[0][0].item() == pytest.approx(15 / (3 * 1.4826))
+    assert flagged_classes(tight) == [0] and flagged_classes(tight, statistic="ratio") == []
+    assert anomaly_index(tight, "ratio")[0][0].item() == pytest.approx(45 / 30)
+    wide = [5, 15, 20, 30, 35, 40, 60, 70, 90, 110]
+    assert anomaly_index(wide)[0][0].item() == pytest.approx(30 / (1.4826 * 20))
+    assert flagged_classes(wide) == [] and flagged_classes(wide, statistic="ratio") == [0]
+    assert anomaly_index(wide, "ratio")[0].tolist() == pytest.approx([35 / v for v in wide])
+
+
+def test_minimal_trigger_stops_once_the_smallest_trigger_stops_shrinking():
+    """``stop``: a search whose goal is reached at once and whose size then cannot shrink (the cost is 0) ends
+    after ``stop`` passes without a 1% gain; without ``stop`` it runs every pass; the trace has one row per pass."""
+    class Always1(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sum(1) * 0, torch.ones(len(x))], 1)
+    x = torch.full((4, 1, 2, 2), 0.3)
+    trace = []
+    found = minimal_trigger(Always1(), x, 1, Universal(lr=0.02), passes=20, batch_size=4, success=1.0, init_cost=0.0,
+                            stop=3, trace=trace)
+    assert found.reached and found.passes == 4 and len(trace) == 4   # success at pass 1, then 3 stale passes
+    assert all(rate == 1.0 and cost == 0.0 for rate, _, cost in trace)
+    assert minimal_trigger(Always1(), x, 1, Universal(lr=0.02), passes=20, batch_size=4, success=1.0,
+                           init_cost=0.0).passes == 20
+
+
 def test_mask_family_stays_in_its_range():
     fam = MaskPattern(mask_max=0.3)
     params = [torch.full((1, 4, 4), 50.0), torch.full((3, 4, 4), -50.0)]
