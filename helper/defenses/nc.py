@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from helper.data.images import to_float
 from helper.defenses.base import FINE_TUNING, Defense
+from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import (STATISTICS, THRESHOLDS, MaskPattern, anomaly_index, effect, flagged_classes, invert_all,
@@ -67,6 +68,18 @@ def inversion_kw(a):
     return dict(passes=a.nc_passes, batch_size=a.nc_batch, success=a.nc_success, stop=a.nc_stop)
 
 
+def check_inversion(a):
+    """The inversion's flags in range, one UserError naming the first that is not (before any folder is made)."""
+    for name, ok, rule in (("nc_images", a.nc_images >= 1, "at least 1"), ("nc_passes", a.nc_passes >= 1, "at least 1"),
+                           ("nc_batch", a.nc_batch >= 1, "at least 1"), ("nc_stop", a.nc_stop >= 0, ">= 0 (0: never)"),
+                           ("nc_success", 0 < a.nc_success <= 1, "in (0, 1]"),
+                           ("nc_mask_max", 0 < a.nc_mask_max <= 1, "in (0, 1]"),
+                           ("nc_threshold", a.nc_threshold is None or a.nc_threshold > (1 if a.nc_statistic == "ratio" else 0),
+                            "above 1 for the ratio (a ratio of 1 is the median class itself), above 0 for a MAD index")):
+        if not ok:
+            raise UserError(f"--{name} must be {rule}, not {getattr(a, name)}")
+
+
 def threshold_of(a):
     """The flagging threshold the flags amount to: ``--nc_threshold``, else its statistic's default."""
     return THRESHOLDS[a.nc_statistic] if a.nc_threshold is None else a.nc_threshold
@@ -87,6 +100,11 @@ class NC(Defense):
 
     def prepare(self, student):
         a = self.args
+        check_inversion(a)
+        if not 0 <= a.nc_share <= 1:
+            raise UserError(f"--nc_share must be in [0, 1] (a share of every batch), not {a.nc_share}")
+        if a.nc_every < 0:
+            raise UserError(f"--nc_every must be >= 0 (0: never), not {a.nc_every}")
         self.family = MaskPattern(a.nc_mask_max)
         self.inv_images = to_float(self.images[:a.nc_images])
         with eval_mode(self.teacher):

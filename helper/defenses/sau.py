@@ -20,6 +20,7 @@ cosine, batch 256, weight decay 0.
 import torch
 
 from helper.defenses.base import Defense, check_adversary
+from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import effect, sau_shared_loss, shared_masks, shared_pgd, stamp
@@ -43,6 +44,9 @@ class SAU(Defense):
     def stages(self, student):
         a = self.args
         check_adversary(a)
+        if a.adv_radius > 1 or a.adv_lr > 1:
+            raise UserError(f"--adv_radius and --adv_lr are L-infinity sizes on images in [0, 1] for sau: at most 1, "
+                            f"not {a.adv_radius} and {a.adv_lr} (SAU: 0.2)")
         optimizer = self.optimizer(student.parameters())
 
         def search(model, x, labels):  # labels: the teacher's answers on x, SAU's label and its clean reference

@@ -25,8 +25,8 @@ import torch
 
 from helper.data.images import to_float
 from helper.data.teacher_dir import has_trigger, save_trigger
-from helper.defenses.nc import add_inversion_args
-from helper.defenses.options import defense_parser
+from helper.defenses.nc import add_inversion_args, check_inversion
+from helper.defenses.options import check_args, defense_parser
 from helper.jobs import distill
 from helper.jobs.scan import family, run_scan, scan_parser
 from helper.run.checkpoint import load_model
@@ -125,6 +125,8 @@ def share_on(model_path, scan_folder, c, args, device):
 def run_auto(args, argv, out=print):
     """The whole of ``--defense auto`` (module docstring); returns its results (also written to results.json)."""
     own, rest = split_argv(argv)
+    check_inversion(args)
+    check_args(args)
     device, _, _ = setup(args)
     if not args.read_dir or not os.path.isfile(os.path.join(args.read_dir, "checkpoint.pkl")):
         raise UserError(f"--defense auto needs a teacher folder with checkpoint.pkl; {args.read_dir!r} has none")

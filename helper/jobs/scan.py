@@ -24,7 +24,7 @@ import time
 import torch
 
 from helper.data.images import to_float
-from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args, inversion_kw, threshold_of
+from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args, check_inversion, inversion_kw, threshold_of
 from helper.run.cli import add_data_args, add_output_args, add_system_args
 from helper.run.runlog import atomic_torch_save, make_run_dir, write_json
 from helper.run.system import run_environment, setup
@@ -124,6 +124,7 @@ def run_scan(args, out=print, checkpoint="checkpoint.pkl"):
     from helper.jobs.distill import load_data
     from helper.run.checkpoint import load_model
     from helper.run.errors import UserError
+    check_inversion(args)
     if not args.read_dir or not os.path.isdir(args.read_dir):
         raise UserError(f"read_dir not found: {args.read_dir!r} (pass --read_dir DIR, a teacher folder)")
     model = load_model(os.path.join(args.read_dir, checkpoint), args.width).to(device).eval()

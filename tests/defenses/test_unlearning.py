@@ -287,3 +287,16 @@ def test_ibau_climbs_on_every_nth_step_only(tmp_path, monkeypatch, every, climbs
     distri.main(fast_flags(teacher, out) + ["--defense", "ibau", "--adv_search", "teacher", "--adv_every", str(every)])
     assert len(calls) == climbs
     assert torch.load(out / "last.pt", weights_only=True)["defense"]["steps"] == 4
+
+
+@pytest.mark.parametrize("extra,said", [(["--defense", "sau", "--adv_radius", "2"], "at most 1"),
+                                        (["--defense", "nc", "--nc_share", "1.5"] + SMALL_NC, "--nc_share must be in [0, 1]"),
+                                        (["--defense", "nc", "--nc_images", "0"], "--nc_images must be at least 1"),
+                                        (["--defense", "auto", "--nc_threshold", "0.5"], "--nc_threshold must be above 1")])
+def test_out_of_range_unlearning_flags_are_refused_in_one_line(tmp_path, capsys, extra, said):
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    with pytest.raises(SystemExit) as e:
+        distri.main(fast_flags(teacher, tmp_path / "run", epochs=1) + extra)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

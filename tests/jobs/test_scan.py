@@ -124,3 +124,17 @@ def test_scan_refuses_a_missing_folder(tmp_path, capsys):
     assert e.value.code == 2
     assert "read_dir not found" in capsys.readouterr().err
     assert not (tmp_path / "scan").exists()
+
+
+@pytest.mark.parametrize("flag,value,said", [("--nc_images", "0", "--nc_images must be at least 1"),
+                                             ("--nc_threshold", "-1", "--nc_threshold must be above 1"),
+                                             ("--nc_threshold", "1", "--nc_threshold must be above 1"),
+                                             ("--nc_success", "1.5", "--nc_success must be in (0, 1]"),
+                                             ("--nc_stop", "-2", "--nc_stop must be >= 0")])
+def test_scan_refuses_flags_out_of_range_before_any_folder(tmp_path, capsys, flag, value, said):
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    with pytest.raises(SystemExit) as e:
+        scan.main(scan_flags(teacher, tmp_path / "scan") + [flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "scan").exists()
