@@ -107,18 +107,15 @@ def inverted_mask_trigger(folder, c, mask_max):
     return pattern.clone(), mask.clone()
 
 
-def share_on(model_path, scan_folder, c, args, device):
-    """Per family, the share of the scan's images that the inverted trigger of class ``c`` (found on the teacher)
-    sends to ``c`` on the model in ``model_path``."""
-    from helper.jobs.distill import load_data
-    model = load_model(model_path, args.width).to(device).eval()
-    images = to_float(load_data(args)[2].x[:args.nc_images]).to(device)
-    fam_args = argparse.Namespace(nc_mask_max=args.nc_mask_max, universal_lr=0.01)
+def share_on(model_path, scan_folder, c, images, families, width):
+    """Per family of ``families`` ({name: family}), the share of ``images`` (the scan's) that the inverted trigger of
+    class ``c`` (found on the teacher) sends to ``c`` on the model in ``model_path``."""
+    model = load_model(model_path, width).to(images.device).eval()
     res = {}
     with torch.no_grad():
-        for name in args.families:
-            params = [p.to(device) for p in load_inverted(scan_folder, name, c)]
-            res[name] = float((model(family(name, fam_args).apply(images, params)).argmax(1) == c).float().mean())
+        for name, fam in families.items():
+            params = [p.to(images.device) for p in load_inverted(scan_folder, name, c)]
+            res[name] = float((model(fam.apply(images, params)).argmax(1) == c).float().mean())
     return res
 
 
@@ -157,8 +154,11 @@ def run_auto(args, argv, out=print):
     run_argv = [*rest, "--read_dir", args.read_dir, *flags, *extra, "--output_dir", run_dir, *resume]
     defended = distill.run(defense_parser(run_argv).parse_args(run_argv), out)
     student_scan = scan_step(args, run_dir, os.path.join(root, STUDENT_SCAN), out, checkpoint="selected.pkl")
-    shares = {who: share_on(os.path.join(folder, ckpt), os.path.join(root, TEACHER_SCAN), c,
-                            scan_args(args, None, None), device)
+    scan_ns = scan_args(args, None, None)
+    images = to_float(distill.load_data(scan_ns)[2].x[:scan_ns.nc_images]).to(device)  # the scan's images, once
+    families = {n: family(n, scan_ns) for n in scan_ns.families}
+    shares = {who: share_on(os.path.join(folder, ckpt), os.path.join(root, TEACHER_SCAN), c, images, families,
+                            args.width)
               for who, folder, ckpt in (("teacher", args.read_dir, "checkpoint.pkl"),
                                         ("student", run_dir, "selected.pkl"))}
     index = {n: {"teacher": teacher_scan["families"][n]["anomaly_index"][c],
