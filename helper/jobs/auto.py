@@ -49,8 +49,9 @@ def choose(verdict, target):
                                      "and costs nothing extra")
     return (["--defense", "ibau", *RECIPE, "--adv_target", str(target)],
             f"the scan flagged class {target}: ibau's perturbation (L2 radius 6) climbs the teacher's log-probability "
-            f"of class {target} (the backdoor's shortcut) on every 4th step, the student unlearns it; measured "
-            f"nearest to a removal at KD's accuracy on ADBA, BadNets and Blended (docs/experiments.md)")
+            f"of class {target} (the backdoor's shortcut) on every 4th step, the student unlearns it; measured on "
+            f"width-8 BadNets, Blended and ADBA (three seeds) and two width-16 ADBA teachers (one seed): the nearest "
+            f"to a lasting removal at 95-99% of KD's accuracy, a removal on none of them (docs/experiments.md)")
 
 
 def split_argv(argv):
