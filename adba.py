@@ -10,6 +10,7 @@ The folder holds checkpoint.pkl (a list holding one state dict), pattern.pt, mas
 args.json, log.jsonl (one JSON line per epoch), curves.png and trigger.png; then
 ``python distri.py --read_dir <folder>``.
 """
+from helper.attacks import ATTACKS
 from helper.attacks.options import attack_parser
 from helper.run.errors import exits_cleanly
 
@@ -17,11 +18,7 @@ from helper.run.errors import exits_cleanly
 @exits_cleanly
 def main(argv=None):
     args = attack_parser(argv).parse_args(argv)
-    if args.attack == "adba":
-        from helper.attacks.adba import run
-    else:
-        from helper.attacks.poison import run
-    return run(args)
+    return ATTACKS[args.attack].run(args)
 
 
 if __name__ == "__main__":

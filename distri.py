@@ -2,8 +2,8 @@
 
     python distri.py                      # ASD on the folder named by read_dir below
     python distri.py --ratio_type fix     # plain KD
-    python distri.py --defense bcu        # a baseline: kd, bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc,
-                                          #   renofeation (--defense NAME --help)
+    python distri.py --defense bcu        # a baseline (--help lists every registered defense; --defense NAME --help
+                                          #   its own flags; docs/adding.md: a new one is one file)
     python distri.py --defense auto       # scan the teacher (no trigger needed), run what the verdict calls for
     python distri.py --read_dir DIR       # another checkpoint folder
     python distri.py --demo               # the whole story offline, on synthetic data

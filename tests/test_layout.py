@@ -62,3 +62,37 @@ def test_entry_scripts_are_thin():
         tree = ast.parse("\n".join(lines))
         defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
         assert len(defs) <= 2, f"{script}: {[d.name for d in defs]}"
+
+
+# The modules that know no defense by name: the run, data and training layers, the distillation job and the parts of
+# report/ that read any run. (The jobs that choose defenses, auto, demo, the grid's presets, bench and gpucheck, name
+# them by design; table.py and figures.py read every run against the plain-KD cell, "kd", and table.py holds the
+# paper's published numbers.)
+GENERIC = [os.path.join("helper", g, f) for g in ("run", "data", "train") for f in
+           sorted(os.listdir(os.path.join(ROOT, "helper", g))) if f.endswith(".py")] + [
+    os.path.join("helper", "jobs", f) for f in ("distill.py", "retune.py", "scan.py")] + [
+    os.path.join("helper", "report", f) for f in ("aggregate.py", "plot.py", "attention.py", "precision.py")]
+
+
+def defense_names_in(path, names):
+    """The string constants of a file that are a defense's name or say ``--defense NAME``, with their lines."""
+    import re
+    found = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            said = {node.value} & names | set(re.findall(r"--defense (\w+)", node.value)) & names
+            found += [(name, node.lineno) for name in said]
+    return found
+
+
+def test_no_generic_module_names_a_defense():
+    from helper.defenses import DEFENSES
+    named = {path: defense_names_in(os.path.join(ROOT, path), set(DEFENSES)) for path in GENERIC}
+    not_a_defense = {os.path.join("helper", "train", "engine.py"): {"kd"}}  # "kd": the printed short form of kd_loss
+    assert {p: n for p, n in named.items() if {name for name, _ in n} - not_a_defense.get(p, set())} == {}
+
+
+def test_the_name_check_sees_a_defense_named_in_a_string(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('x = "asd"\ny = f"run --defense ibau now"\nz = "kd_loss"\n')
+    assert sorted(defense_names_in(bad, {"asd", "ibau", "kd"})) == [("asd", 1), ("ibau", 2)]

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from helper.attacks.base import register_attack
+from helper.attacks.common import load_data, metrics_text
 from helper.attacks.options import attack_defaults, check_attack_args
 from helper.data import images as D
 from helper.data.teacher_dir import write_teacher
-from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger
+from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger, trigger_stats
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
 from helper.run.errors import Stopped, UserError
@@ -38,7 +40,6 @@ from helper.run.system import autocast, eval_batch_size, run_environment, setup
 from helper.train.engine import fit, optimizer_step, run_epoch
 from helper.train.evaluate import EvalSet, evaluate
 from helper.train.losses import kd_loss
-from helper.train.metrics import psnr_per_image, ssim
 from models import resnet18
 
 # ---------------------------------------------------------------- the trigger
@@ -54,65 +55,6 @@ def init_trigger(device, generator=None):
 def clamp_trigger_(pattern, mask, mask_max=0.3):
     pattern.clamp_(0, 1)
     mask.clamp_(0, mask_max)
-
-
-def trigger_vanished(stats, vanish_psnr=50.0):
-    """True when no mask pixel exceeds ``TRIGGER_PIXEL`` or triggered test images are within ``vanish_psnr`` dB of clean.
-
-    Both say the same thing: the triggered image equals the clean one, so an "ASR" measured with it
-    is only the model's bias toward the target class. (PSNR 50 dB is a mean squared change of 1e-5,
-    e.g. one pixel moved by a third of the range; the paper's trigger has 24.46 dB.)
-    """
-    p = stats["psnr"]
-    return stats["mask_share"] == 0 or p is None or not math.isfinite(p) or p >= vanish_psnr
-
-
-INERT_ASR = 0.2  # a teacher whose own ASR non-target is below this carries no backdoor a defense could remove
-
-
-def inert_trigger_warning(asr_nontarget, stats, attack=None, vanish_psnr=50.0):
-    """The warning a defense run gives before training when its teacher's backdoor is no test of removal, or None:
-    the teacher's ASR non-target is below ``INERT_ASR`` or the trigger has vanished (``trigger_vanished``:
-    triggered test images within ``vanish_psnr`` dB of clean ones). ``attack`` 'none' (a clean teacher) names the
-    cause."""
-    reasons = []
-    if asr_nontarget < INERT_ASR:
-        reasons.append(f"the teacher's ASR non-target is {asr_nontarget:.3f} (below {INERT_ASR})")
-    if trigger_vanished(stats, vanish_psnr):
-        p = stats["psnr"]
-        reasons.append(f"triggered test images are {p:.1f} dB from clean ones (>= {vanish_psnr:g} dB)"
-                       if p is not None and p >= vanish_psnr else f"no mask pixel is above {TRIGGER_PIXEL}")
-    if not reasons:
-        return None
-    cause = ("the teacher is a clean model, adba.py --attack none: its ASR is the floor, not a backdoor"
-             if attack == "none" else "a teacher from a short or failed attack run is the usual cause")
-    return f"{' and '.join(reasons)}: the run's ASR says nothing about removal ({cause})"
-
-
-@torch.no_grad()
-def trigger_stats(pattern, mask, clean, vanish_psnr=50.0, chunk=1000, with_ssim=True):
-    """Mask L1 (sum), max and share of pixels above 0.01; PSNR and SSIM between ``clean`` (uint8) and triggered.
-
-    PSNR is the mean over the images the trigger changes (as ``metrics.psnr``; inf when it changes none, e.g. an
-    all-zero mask), SSIM the mean over all of ``clean`` (chunked: batch means weighted by batch size). ``vanished`` applies ``trigger_vanished``. ``with_ssim=False``
-    leaves SSIM out (None): on 10,000 images it takes the CPU most of a minute, PSNR a second.
-    """
-    pattern, mask = pattern.detach().float(), mask.detach().float()
-    stats = {"mask_l1": mask.abs().sum().item(), "mask_max": mask.max().item(),
-             "mask_share": (mask > TRIGGER_PIXEL).float().mean().item()}
-    total_p = total_s = 0.0
-    n, n_changed = len(clean), 0
-    for i in range(0, n, chunk):
-        x = D.to_float(clean[i:i + chunk])
-        xt = apply_trigger(x, pattern.to(x.device), mask.to(x.device)).clamp_(0, 1)
-        values = psnr_per_image(x, xt)
-        changed = values[values.isfinite()]  # pairs the trigger changes (``psnr``: identical ones are left out)
-        total_p, n_changed = total_p + changed.sum().item(), n_changed + len(changed)
-        total_s += ssim(x, xt) * len(x) if with_ssim else 0.0
-    stats["psnr"] = (total_p / n_changed if n_changed else math.inf) if n else float("nan")
-    stats["ssim"] = (total_s / n if n else float("nan")) if with_ssim else None
-    stats["vanished"] = trigger_vanished(stats, vanish_psnr)
-    return stats
 
 
 # ---------------------------------------------------------------- one step of each phase
@@ -224,27 +166,8 @@ def consolidate_epoch(teacher, optimizer, train, pattern, mask, target, poison_r
 
 # ---------------------------------------------------------------- the run
 
-def load_data(args):
-    """(train, test, num_classes) of the attack's dataset, checked against --target_label."""
-    train, test = D.load_splits(args.dataset, data_root=args.data_root, role="task", download=not args.no_download,
-                                synthetic_seed=args.synthetic_seed, synthetic_train=args.synthetic_train,
-                                synthetic_test=args.synthetic_test)
-    if len(train) < 2 or len(test) < 1:
-        raise UserError(f"{args.dataset} has {len(train)} training and {len(test)} test images; the attack needs "
-                        f"at least 2 and 1")
-    num_classes = D.NUM_CLASSES.get(args.dataset, int(max(train.y.max(), test.y.max())) + 1)
-    if int(train.y.min()) < 0:
-        raise UserError(f"{args.dataset} has negative labels")
-    if args.target_label >= num_classes:
-        raise UserError(f"--target_label {args.target_label} is not a class of {args.dataset} ({num_classes} classes)")
-    return train, test, num_classes
-
-
-def _fmt(m, vanished):
-    asr = f"asr {m['asr']:.4f}  asr_nt {m['asr_nontarget']:.4f}"
-    return f"acc {m['acc']:.4f}  " + (f"[{asr}: no trigger, a bias only]" if vanished else asr)
-
-
+@register_attack("adba", help="the ADBA attack (SPEC section 8; the flags below from --alpha to --vanish_psnr, "
+                 "--poison_rate aside, are its own): a learned trigger that survives distillation")
 def run(args, out=print):
     """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
     check_attack_args(args)
@@ -296,11 +219,11 @@ def run(args, out=print):
         stats = trigger_stats(p, m, test_x, args.vanish_psnr)
         eval_set = EvalSet.build(test, p, m, args.target_label, device)
         row = evaluate(teacher, eval_set, **eval_kw)
-        line = f"{phase} epoch {epoch:3d}  teacher {_fmt(row, stats['vanished'])}"
+        line = f"{phase} epoch {epoch:3d}  teacher {metrics_text(row, stats['vanished'])}"
         if with_shadow:
             s_metrics = evaluate(shadow, eval_set, **eval_kw)
             row.update({f"shadow_{k}": v for k, v in s_metrics.items()})
-            line += f"  | shadow {_fmt(s_metrics, stats['vanished'])}"
+            line += f"  | shadow {metrics_text(s_metrics, stats['vanished'])}"
         tqdm.write(line + f"  | mask L1 {stats['mask_l1']:.3f} share>0.01 {stats['mask_share']:.3f} "
                           f"psnr {stats['psnr']:.2f} ssim {stats['ssim']:.4f}")
         if stats["vanished"] and not warned:

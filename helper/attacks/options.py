@@ -12,10 +12,7 @@ from helper.run.cli import (
     unit_value,
 )
 
-ATTACKS = ("adba", "badnets", "blended", "none")  # adba.py --attack; the last three are helper/attacks/poison.py
-# BackdoorBench's CIFAR-10 training recipe (config/attack/prototype/cifar10.yaml) and poisoning ratio: the defaults
-# of --attack badnets, blended and none (adba keeps the public ADBA code's constant lr and no weight decay)
-POISONING_DEFAULTS = {"poison_rate": 0.1, "weight_decay": 5e-4, "lr_schedule": "cosine"}
+from helper.attacks.base import ATTACKS  # adba.py --attack: every registered attack (helper/attacks/*.py)
 
 
 def get_attack_parser(add_help=True):
@@ -44,16 +41,8 @@ def get_attack_parser(add_help=True):
                    help="ResNet18 base width of teacher and shadow (64 is the standard model; 8-16 for a CPU)")
 
     g = p.add_argument_group("Attack")
-    g.add_argument("--attack", default="adba", choices=ATTACKS,
-                   help="adba: the ADBA attack (SPEC section 8; the flags below from --alpha to --vanish_psnr, "
-                        "--poison_rate aside, are its own). badnets: a 3x3 white patch in the bottom-right corner "
-                        "(rows and columns 29-31). blended: 0.8 x + 0.2 * a fixed uniform-noise image (seed 1234; "
-                        "BackdoorBench blends a Hello Kitty picture, which cannot be shipped here). Both poison a fixed "
-                        "seeded --poison_rate of the training set, all-to-one to --target_label, the trigger stamped "
-                        "after crop+flip (helper/attacks/poison.py). none: a clean teacher, the same training without "
-                        "poisoning, written without pattern.pt and mask.pt (defend it with distri.py --trigger_dir). "
-                        "badnets, blended and none default to BackdoorBench's recipe: --poison_rate 0.1, "
-                        "--weight_decay 5e-4, --lr_schedule cosine")
+    g.add_argument("--attack", default="adba", choices=sorted(ATTACKS),
+                   help="; ".join(f"{a.name}: {a.help}" for a in ATTACKS.values()))
     g.add_argument("--alpha", "--alpha_backdoor", type=unit_value, default=0.4,
                    help="shadow loss = alpha * KD(shadow, teacher) + (1 - alpha) * CE")
     g.add_argument("--beta", "--beta_backdoor", type=nonneg_value, default=0.3,
@@ -129,13 +118,12 @@ def check_attack_args(args):
 
 
 def attack_parser(argv=None):
-    """adba.py's parser with ``--attack``'s defaults: the poisoned-data attacks and ``none`` get
-    ``POISONING_DEFAULTS`` (BackdoorBench's recipe); a flag given on the command line wins."""
+    """adba.py's parser with ``--attack``'s own defaults (the registered attack's: BackdoorBench's recipe for the
+    poisoned-data attacks and ``none``); a flag given on the command line wins."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--attack", default="adba", choices=ATTACKS)
+    pre.add_argument("--attack", default="adba", choices=sorted(ATTACKS))
     parser = get_attack_parser()
-    if pre.parse_known_args(argv)[0].attack != "adba":
-        parser.set_defaults(**POISONING_DEFAULTS)
+    parser.set_defaults(**ATTACKS[pre.parse_known_args(argv)[0].attack].defaults)
     return parser
 
 

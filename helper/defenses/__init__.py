@@ -1,15 +1,16 @@
-"""The defenses of the engine, by name: ``python distri.py --defense NAME``. A new one is a file here and a line below."""
-from helper.defenses.abd import ABD
-from helper.defenses.asd import ASD, KD
-from helper.defenses.bcu import BCU
-from helper.defenses.clp import CLP
-from helper.defenses.fineprune import FinePrune
-from helper.defenses.finetune import FineTune
-from helper.defenses.ibau import IBAU
-from helper.defenses.nad import NAD
-from helper.defenses.nc import NC
-from helper.defenses.renofeation import Renofeation
-from helper.defenses.sau import SAU
+"""The defenses of the engine, by name: ``python distri.py --defense NAME``.
 
-DEFENSES = {cls.name: cls for cls in (ASD, KD, BCU, NAD, FineTune, ABD, CLP, FinePrune, IBAU, SAU, NC,
-                                     Renofeation)}
+A defense is one file here whose class carries ``@register_defense`` (``helper.defenses.base``): every module of
+this folder is imported below, so a new file is all a new defense needs (docs/adding.md). ``DEFENSES`` maps each
+name to its class; the parser, ``distri.py --help``, the table's names and reproduce.py read it.
+"""
+import importlib
+import pkgutil
+
+from helper.defenses.base import DEFENSES, Defense, register_defense
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "options"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["DEFENSES", "Defense", "register_defense"]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from helper.data.images import cutmix
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, register_defense
+from helper.run.cli import AT_LEAST_ONE, NONNEGATIVE, UNIT, Option
 from helper.train.losses import kd_per_sample
 
 
@@ -51,20 +52,22 @@ def vaccine_loss(per_sample_kd, flagged, coef=0.1):
             - coef * (per_sample_kd * flag).sum() / flag.sum().clamp_min(1))
 
 
+@register_defense
 class ABD(Defense):
     name = "abd"
+    label = "ABD"
     help = "ABD's shuffling vaccine: KD that pushes away from samples a channel-shuffled teacher still agrees on"
     defaults = {"opt_type": "Adam", "opt_lr": 1e-3, "batch_size": 512, "temperature": 8.0, "lr_drop": "off",
                 "using_checkpoint": 0, "lr_schedule": "step", "lr_milestones": [150, 300, 600], "lr_gamma": 0.5}
 
-    @classmethod
-    def add_args(cls, g):
-        g.add_argument("--abd_copies", type=int, default=3, help="shuffled teacher copies in the ensemble")
-        g.add_argument("--abd_layers", type=int, default=5, help="last convolutions whose input channels are shuffled")
-        g.add_argument("--abd_coef", type=float, default=0.1, help="weight of the suspicious samples' (negative) KD")
-        g.add_argument("--abd_cutmix_beta", type=float, default=0.25,
-                       help="CutMix box area ~ 1 - Beta(b, b) on every batch (ABD's code); 0: no CutMix")
-        g.add_argument("--abd_cutmix_prob", type=float, default=1.0, help="probability that a batch is cut-mixed")
+    options = (
+        Option("--abd_copies", 3, "shuffled teacher copies in the ensemble", type=int, range=AT_LEAST_ONE),
+        Option("--abd_layers", 5, "last convolutions whose input channels are shuffled", type=int, range=AT_LEAST_ONE),
+        Option("--abd_coef", 0.1, "weight of the suspicious samples' (negative) KD", range=NONNEGATIVE),
+        Option("--abd_cutmix_beta", 0.25, "CutMix box area ~ 1 - Beta(b, b) on every batch (ABD's code); 0: no "
+               "CutMix", range=NONNEGATIVE),
+        Option("--abd_cutmix_prob", 1.0, "probability that a batch is cut-mixed", range=UNIT),
+    )
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

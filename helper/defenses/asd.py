@@ -3,7 +3,8 @@ import functools
 
 import torch
 
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, register_defense
+from helper.run.cli import NONNEGATIVE, UNIT, Option, Range
 from helper.run.system import CompiledOrEager, autocast
 from helper.train.engine import optimizer_step
 from helper.train.features import DEFAULT_LAYERS, FeatureHooks, resolve_layers
@@ -75,51 +76,72 @@ class Distiller:
         self.s_hooks.remove()
 
 
+@register_defense
 class ASD(Defense):
     """ASD as the paper specifies it by default; the variants of the study "Making ASD keep its accuracy"
     (docs/asd-study.md) are flags: which channels ASL shifts (``--shift``), how hard and how long (``--shift_epochs``,
     ``--shift_kd``, ``--asl_scale``, ``--clip_grad``), batch-norm statistics during the shift (``--freeze_bn``),
     and where ASL looks (``--hook_layers``, e.g. ``layer*.*.bn1``: after batch-norm, SPEC section 11)."""
     name = "asd"
+    label = "ASD"
     help = "Attention Shifting Distillation: KD plus ASL on every residual block's conv1 (--ratio_type fix: plain KD)"
     applies_lr_drop = True
 
+    options = (
+        Option("--ratio_type", "scheduler", "scheduler: ASD (lambda 0 -> 1 over epochs 0-40, loss x10/x20); fix: "
+               "main_loss_ratio*KD + new_loss_ratio*ASL (defaults = plain KD)", type=str, choices=RATIO_TYPES),
+        Option("--eps", 0.1, "ASL's eps where the teacher's neuron is exactly 0", range=Range(0, 1, low_open=True)),
+        Option("--asl_samples", "all", "all: ASL over every sample of the batch (the paper's expectation); first: "
+               "sample 0 of each batch only, as the public code computes it, for comparison with its numbers",
+               type=str, choices=("all", "first")),
+        Option("--main_loss_ratio", 1.0, "KD weight with --ratio_type fix"),
+        Option("--new_loss_ratio", 0.0, "ASL weight with --ratio_type fix"),
+        Option("--hook_layers", ",".join(DEFAULT_LAYERS), "comma-separated module names or globs whose outputs ASL "
+               "compares (the default matches conv1 of every residual block: 8 layers)", type=str),
+        Option("--shift", "all", "all: ASL on every channel of the hooked layers (the paper); dormant: only on the "
+               "--shift_fraction of each layer's channels the teacher leaves least active on the clean defense "
+               "images (mean ReLU'd batch-norm output: Fine-Pruning's backdoor channels)", type=str,
+               choices=("all", "dormant")),
+        Option("--shift_fraction", 0.1, "with --shift dormant: the share of each hooked layer's channels shifted (at "
+               "least one)", range=UNIT),
+        Option("--shift_epochs", 10, "scheduler: epochs of the lambda = 0 phase (the paper: 10); the rest of the "
+               "schedule and the x10 -> x20 step move with it", type=int, range=NONNEGATIVE),
+        Option("--shift_kd", 0.0, "scheduler: the lowest lambda, a KD weight kept while ASL shifts (the paper: 0, "
+               "ASL alone)"),
+        Option("--shift_grad", "all", "all: ASL's gradient reaches every layer before a hooked one (the paper); "
+               "local: only the hooked convolution's own weights (of the --shift channels): a neuron is shifted, "
+               "not the network that feeds it", type=str, choices=("all", "local")),
+        Option("--asl_scale", 1.0, "multiplies ASL's weight (a gentler shift below 1)"),
+        Option("--clip_grad", 0.0, "clip each step's gradient to this total L2 norm (0: off); ASL's gradient grows as "
+               "1/|s| (SPEC section 11)", range=NONNEGATIVE),
+        Option("--freeze_bn", "never", "batch-norm layers of the student in eval mode (running statistics frozen and "
+               "used): never, during the lambda = 0 epochs (shift), or always", type=str,
+               choices=("never", "shift", "always")),
+    )
+    quiet = ("kd_weight", "asl_weight", "lambda")  # logged every epoch, not printed
+    fp32_reason = ("--amp bf16 with an ASL weight that can be non-zero: ASL's gradient is rounding noise in bf16 "
+                   "(cosine to fp64 -0.01..0.11, docs/gpu.md); use --amp auto or fp32 (fp32, TF32 off)")
+
     @classmethod
-    def add_args(cls, g):
-        g.add_argument("--ratio_type", default="scheduler", choices=RATIO_TYPES,
-                       help="scheduler: ASD (lambda 0 -> 1 over epochs 0-40, loss x10/x20); "
-                            "fix: main_loss_ratio*KD + new_loss_ratio*ASL (defaults = plain KD)")
-        g.add_argument("--eps", type=float, default=0.1, help="ASL's eps where the teacher's neuron is exactly 0")
-        g.add_argument("--asl_samples", default="all", choices=["all", "first"],
-                       help="all: ASL over every sample of the batch (the paper's expectation); first: sample 0 of "
-                            "each batch only, as the public code computes it, for comparison with its numbers")
-        g.add_argument("--main_loss_ratio", type=float, default=1.0, help="KD weight with --ratio_type fix")
-        g.add_argument("--new_loss_ratio", type=float, default=0.0, help="ASL weight with --ratio_type fix")
-        g.add_argument("--hook_layers", default=",".join(DEFAULT_LAYERS),
-                       help="comma-separated module names or globs whose outputs ASL compares "
-                            "(the default matches conv1 of every residual block: 8 layers)")
-        g.add_argument("--shift", default="all", choices=["all", "dormant"],
-                       help="all: ASL on every channel of the hooked layers (the paper); dormant: only on the "
-                            "--shift_fraction of each layer's channels the teacher leaves least active on the clean "
-                            "defense images (mean ReLU'd batch-norm output: Fine-Pruning's backdoor channels)")
-        g.add_argument("--shift_fraction", type=float, default=0.1,
-                       help="with --shift dormant: the share of each hooked layer's channels shifted (at least one)")
-        g.add_argument("--shift_epochs", type=int, default=10,
-                       help="scheduler: epochs of the lambda = 0 phase (the paper: 10); the rest of the schedule "
-                            "and the x10 -> x20 step move with it")
-        g.add_argument("--shift_kd", type=float, default=0.0,
-                       help="scheduler: the lowest lambda, a KD weight kept while ASL shifts (the paper: 0, ASL alone)")
-        g.add_argument("--shift_grad", default="all", choices=["all", "local"],
-                       help="all: ASL's gradient reaches every layer before a hooked one (the paper); local: only "
-                            "the hooked convolution's own weights (of the --shift channels): a neuron is shifted, "
-                            "not the network that feeds it")
-        g.add_argument("--asl_scale", type=float, default=1.0, help="multiplies ASL's weight (a gentler shift below 1)")
-        g.add_argument("--clip_grad", type=float, default=0.0,
-                       help="clip each step's gradient to this total L2 norm (0: off); ASL's gradient grows as "
-                            "1/|s| (SPEC section 11)")
-        g.add_argument("--freeze_bn", default="never", choices=["never", "shift", "always"],
-                       help="batch-norm layers of the student in eval mode (running statistics frozen and used): "
-                            "never, during the lambda = 0 epochs (shift), or always")
+    def run_name(cls, args):
+        """``kd`` for ``--defense asd --ratio_type fix`` (plain KD through ASD's engine), else the defense's name (the
+        defenses built on KD keep theirs)."""
+        return KD.name if cls is ASD and args.ratio_type == "fix" else cls.name
+
+    @classmethod
+    def run_label(cls, args):
+        return KD.label if cls is ASD and args.ratio_type == "fix" else cls.label
+
+    @classmethod
+    def result_fields(cls, args):
+        return {"ratio_type": args.ratio_type}
+
+    def run_meta(self):
+        return {"hooked_layers": getattr(self, "hooked_layers", None)}
+
+    def start_line(self):
+        layers = getattr(self, "hooked_layers", None)
+        return f"hooks on {len(layers)} layers" if layers else ""
 
     @classmethod
     def needs_fp32(cls, args):
@@ -195,7 +217,9 @@ class ASD(Defense):
             self.distiller.close()
 
 
+@register_defense
 class KD(ASD):
     name = "kd"
+    label = "KD"
     help = "plain knowledge distillation: ASD's engine with --ratio_type fix (1 x KD + 0 x ASL)"
     defaults = {"ratio_type": "fix"}

@@ -1,11 +1,14 @@
-"""What a defense is to the engine: its flags and defaults, what it does to the student, and its stages.
+"""What a defense is to the engine: its name, its flags, what it does to the student, and its stages.
 
-A defense subclasses ``Defense`` in one file of this folder and gets one line in ``DEFENSES``
-(``helper/defenses/__init__.py``). The engine (``helper.jobs.distill.run``) then
+A defense is one file of this folder: a ``Defense`` subclass under ``@register_defense`` (``helper.defenses``
+imports every file here, so the class is in ``DEFENSES`` and ``distri.py --defense NAME``, the table and
+reproduce.py know it; docs/adding.md has a whole example). The engine (``helper.jobs.distill.run``) then
 
-1. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
-2. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
-3. runs every ``Stage`` of ``stages(student)`` through ``helper.train.engine.fit``: per epoch ``begin(epoch)``
+1. checks the run's flags (``check(args)``: each ``Option``'s range, then the defense's own rules), before any
+   folder is made;
+2. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
+3. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
+4. runs every ``Stage`` of ``stages(student)`` through ``helper.train.engine.fit``: per epoch ``begin(epoch)``
    (schedule values, logged), one pass of ``step(x)`` over the defense images (named loss tensors, no host
    sync; ``kd_loss`` is what selection reads), ``end(epoch, means)``, then evaluation of ``stage.model``.
    Only the last stage's epochs are selected from; an earlier one (NAD's teacher fine-tuning) is logged
@@ -17,6 +20,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from helper.run.cli import check_options
+from helper.run.errors import UserError
 from helper.run.system import autocast, use_compile
 from helper.train.engine import optimizer_step
 from helper.train.losses import kd_loss
@@ -27,12 +32,17 @@ from helper.train.schedule import LrDrop, cosine_lr, step_lr
 FINE_TUNING = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_drop": "off"}
 
 
-def check_adversary(args):
-    """The perturbation budget of ibau and sau: one UserError naming the flags."""
-    if args.adv_steps < 1 or args.adv_radius <= 0 or args.adv_lr <= 0:
-        from helper.run.errors import UserError
-        raise UserError(f"--adv_steps must be >= 1 and --adv_radius, --adv_lr > 0 (got {args.adv_steps}, "
-                        f"{args.adv_radius}, {args.adv_lr})")
+DEFENSES = {}  # name -> Defense subclass, filled by @register_defense as helper/defenses/__init__.py imports each file
+
+
+def register_defense(cls):
+    """Class decorator: ``cls`` becomes ``distri.py --defense cls.name``; a name is registered once."""
+    if not cls.name or not cls.label or not cls.help:
+        raise TypeError(f"{cls.__name__}: a registered defense sets name, label and help")
+    if DEFENSES.get(cls.name, cls) is not cls:
+        raise ValueError(f"--defense {cls.name} is registered twice ({DEFENSES[cls.name].__name__}, {cls.__name__})")
+    DEFENSES[cls.name] = cls
+    return cls
 
 
 @dataclass
@@ -50,19 +60,61 @@ class Stage:
 class Defense:
     """Base of every defense: shared helpers; subclasses set ``name``, ``defaults`` and ``stages``."""
 
-    name = ""
-    help = ""
+    name = ""    # --defense NAME
+    label = ""   # how tables and figures name it
+    help = ""    # one line: its group's description in distri.py --help
+    options = ()  # its own flags (``helper.run.cli.Option``): added to its group, their ranges checked by ``check``
+    quiet = ()    # keys its stages log every epoch that the printed epoch line leaves out
     defaults = {}  # values of shared flags from the defense's own paper and public code; a given flag wins
     applies_lr_drop = False  # whether its stages follow --lr_drop (SPEC section 6: ASD's rule); else on is refused
 
     @classmethod
     def add_args(cls, group):
-        """Add this defense's own flags to its argument group (called only when it is the chosen defense)."""
+        """Add this defense's own flags to its argument group (called only when it is the chosen defense): its
+        ``options``; a defense with flags argparse alone can describe adds them here too."""
+        for option in cls.options:
+            option.add_to(group)
+
+    @classmethod
+    def check(cls, args):
+        """Refuse the run's flags in one UserError before any folder is made: every ``options`` range; a defense
+        adds its own rules (one flag that needs another) on top."""
+        check_options(cls.options, args)
+
+    @classmethod
+    def run_name(cls, args):
+        """The run's name (its folder's, its curves' title): the defense's."""
+        return cls.name
+
+    @classmethod
+    def run_label(cls, args):
+        """How tables and figures name the run (``defense_label`` in results.json)."""
+        return cls.label
+
+    @classmethod
+    def result_fields(cls, args):
+        """Fields of the defense's own flags that results.json records beside the numbers; none by default."""
+        return {}
+
+    def run_meta(self):
+        """What args.json records of the prepared defense (ASD: the hooked layers); none by default."""
+        return {}
+
+    def start_line(self):
+        """A few words on the prepared defense for the run's first line, or ''."""
+        return ""
+
+    def warnings(self, args):
+        """Warnings on the run's flags, one line each, printed and kept in results.json; none by default."""
+        return []
+
+    fp32_reason = "--amp bf16: this defense computes in fp32 with TF32 off; use --amp auto or fp32"
 
     @classmethod
     def needs_fp32(cls, args):
         """Whether the run must compute in fp32 with TF32 off (``--amp auto`` then means fp32 on every device): a loss
-        that reads quantities bf16 or TF32 would round away (ASL). False by default."""
+        that reads quantities bf16 or TF32 would round away (ASL). False by default; ``fp32_reason`` is the line that
+        refuses ``--amp bf16`` then."""
         return False
 
     def __init__(self, args, teacher, device, amp, n_defense, images=None):
@@ -73,7 +125,6 @@ class Defense:
             p.requires_grad_(False)
         self.compile_losses = use_compile(device, args.compile)
         if args.lr_drop == "on" and not self.applies_lr_drop:
-            from helper.run.errors import UserError
             raise UserError(f"--lr_drop on: --defense {self.name} has no lr drop (SPEC section 6's rule is ASD's: asd "
                             f"and the defenses that train through it, kd, clp, fineprune); leave --lr_drop at auto or off")
         self.lr_drop_enabled = self.applies_lr_drop and (

@@ -9,7 +9,8 @@ no T^2, at a temperature rising as ``T = 1 + 3 (epoch + 1) / epochs``; SGD lr 0.
 """
 import torch
 
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, register_defense
+from helper.run.cli import UNIT, Option, Range
 from helper.train.losses import kd_loss
 from helper.train.schedule import bcu_temperature
 from models import resnet18
@@ -52,19 +53,21 @@ def reinitialise_(model, ratios, generator):
     return {part: k / max(n, 1) for part, (k, n) in replaced.items()}
 
 
+@register_defense
 class BCU(Defense):
     name = "bcu"
+    label = "BCU"
     help = "BCU: re-initialise part of the teacher layer by layer, then distil at a rising temperature"
     defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "lr_period": 100, "epoch": 100,
                 "batch_size": 256, "lr_drop": "off"}
 
-    @classmethod
-    def add_args(cls, g):
-        g.add_argument("--bcu_ratios", type=float, nargs=6, default=[0.01, 0.01, 0.03, 0.09, 0.27, 0.10],
-                       metavar=("STEM", "L1", "L2", "L3", "L4", "HEAD"),
-                       help="re-initialisation probability of each weight element of stem conv1, layer1-4 and linear")
-        g.add_argument("--bcu_temperature", type=float, nargs=2, default=[1.0, 4.0], metavar=("START", "END"),
-                       help="T = START + (END - START) * (epoch + 1) / epochs")
+    options = (
+        Option("--bcu_ratios", (0.01, 0.01, 0.03, 0.09, 0.27, 0.10), "re-initialisation probability of each weight "
+               "element of stem conv1, layer1-4 and linear", nargs=6, metavar=("STEM", "L1", "L2", "L3", "L4", "HEAD"),
+               range=UNIT),
+        Option("--bcu_temperature", (1.0, 4.0), "T = START + (END - START) * (epoch + 1) / epochs", nargs=2,
+               metavar=("START", "END"), range=Range(0, low_open=True)),
+    )
 
     def prepare(self, student):
         ratios = dict(zip(PARTS, self.args.bcu_ratios))

@@ -18,6 +18,8 @@ ResNet18 with those channels off. ``--epoch 0`` (or ``--opt_lr 0``) reports CLP 
 import torch
 
 from helper.defenses.asd import KD
+from helper.defenses.base import register_defense
+from helper.run.cli import Option
 
 
 class ZeroHold:
@@ -90,17 +92,16 @@ class PrunedKD(KD):
         super().close()
 
 
+@register_defense
 class CLP(PrunedKD):
     name = "clp"
+    label = "CLP"
     help = ("CLP: zero the channels whose Lipschitz upper bound is an outlier of their layer (data-free), then KD "
             "with them kept at 0 (the KD flags of --defense kd apply)")
     defaults = dict(KD.defaults)
 
-    @classmethod
-    def add_args(cls, g):  # its own flags first, then --defense kd's
-        g.add_argument("--clp_u", type=float, default=3.0,
-                       help="a channel is pruned when its Lipschitz upper bound > mean + u * std of its layer's")
-        super().add_args(g)
+    options = (Option("--clp_u", 3.0, "a channel is pruned when its Lipschitz upper bound > mean + u * std of its "
+                      "layer's"),) + KD.options  # its own flags first, then --defense kd's
 
     def prune(self, student):
         masks = clp_masks(student, self.args.clp_u)

@@ -24,8 +24,9 @@ import math
 import torch
 
 from helper.defenses.asd import KD
+from helper.defenses.base import register_defense
 from helper.defenses.clp import PrunedKD, ZeroHold
-from helper.run.errors import UserError
+from helper.run.cli import UNIT, Option, Range
 from helper.run.system import eval_batch_size
 from helper.train.evaluate import eval_mode, predict
 
@@ -67,27 +68,25 @@ def prune_search(n_channels, step, agreement, max_drop):
     return n, history
 
 
+@register_defense
 class FinePrune(PrunedKD):
     name = "fineprune"
+    label = "Fine-Pruning"
     help = ("Fine-Pruning: mask the least active channels of the last group while the student agrees with the "
             "teacher on the defense images, then KD with the mask kept (the KD flags of --defense kd apply)")
     defaults = {**KD.defaults, "opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "epoch": 100,
                 "batch_size": 256, "lr_drop": "off"}
 
-    @classmethod
-    def add_args(cls, g):  # its own flags first, then --defense kd's
-        g.add_argument("--fp_layer", default="layer4", choices=["layer1", "layer2", "layer3", "layer4"],
-                       help="the residual group whose output channels are pruned (layer4: what the linear layer reads)")
-        g.add_argument("--fp_step", type=float, default=0.01, help="share of the channels pruned per step (>= 1 channel)")
-        g.add_argument("--fp_max_drop", type=float, default=0.1,
-                       help="stop before the step whose agreement with the teacher's labels on the defense images "
-                            "is more than this below the unpruned student's")
-        super().add_args(g)
+    options = (
+        Option("--fp_layer", "layer4", "the residual group whose output channels are pruned (layer4: what the linear "
+               "layer reads)", type=str, choices=("layer1", "layer2", "layer3", "layer4")),
+        Option("--fp_step", 0.01, "share of the channels pruned per step (>= 1 channel)", range=Range(0, 1, low_open=True)),
+        Option("--fp_max_drop", 0.1, "stop before the step whose agreement with the teacher's labels on the defense "
+               "images is more than this below the unpruned student's", range=UNIT),
+    ) + KD.options  # its own flags first, then --defense kd's
 
     def prune(self, student):
         a, images = self.args, self.images
-        if not 0 < a.fp_step <= 1 or not 0 <= a.fp_max_drop <= 1:
-            raise UserError(f"--fp_step must be in (0, 1] and --fp_max_drop in [0, 1], not {a.fp_step}, {a.fp_max_drop}")
         batch = eval_batch_size(self.device, a.eval_batch_size)
         with eval_mode(student, self.teacher):
             order = torch.argsort(mean_activation(student, a.fp_layer, images, batch, self.amp), stable=True)

@@ -2,9 +2,9 @@
 self-retrospection, ICML 2023, is the same idea rewritten for KD).
 
 One perturbation ``delta`` (3 x 32 x 32) lives for the whole run, starting at a random point of L2 norm
-``--adv_init`` x ``--adv_radius`` (0.01 x 3: near 0, as I-BAU's and ABD's code start, but off it, where a divergence
+``--adv_init`` x ``--ibau_radius`` (0.01 x 3: near 0, as I-BAU's and ABD's code start, but off it, where a divergence
 between two equal answers has no gradient). Each step it climbs ``--adv_steps`` times (L2-normalised steps of
-``--adv_lr``, projected to the L2 ball of ``--adv_radius``; images stay valid, ``clip(x + delta, 0, 1)``) on what
+``--ibau_lr``, projected to the L2 ball of ``--ibau_radius``; images stay valid, ``clip(x + delta, 0, 1)``) on what
 ``--adv_search`` and ``--adv_target`` name:
 
 - ``student`` (I-BAU): ``D(s(x + delta), t(x))``, the student's answer on the perturbed image against the
@@ -32,15 +32,17 @@ the alternation is what KD affords every step; measured in bench.py (docs/defens
 
 Defaults: SGD 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128 (the fine-tuning recipe that kept
 the student's accuracy in docs/experiments.md); I-BAU's own outer optimiser (Adam 1e-3) drove
-ABD's student off on the same setup. ``--adv_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
-image by about L2 3.3; SPEC section 13), ``--adv_lr`` 0.5, ``--adv_beta`` 1.
+ABD's student off on the same setup. ``--ibau_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
+image by about L2 3.3; SPEC section 13), ``--ibau_lr`` 0.5, ``--adv_beta`` 1; ``--adv_radius`` and ``--adv_lr``
+still parse as the first two (``sau`` has radius and step flags of its own, in L-infinity).
 """
 import contextlib
 
 import torch
 import torch.nn.functional as F
 
-from helper.defenses.base import FINE_TUNING, Defense, check_adversary
+from helper.defenses.base import FINE_TUNING, Defense, register_defense
+from helper.run.cli import AT_LEAST_ONE, NONNEGATIVE, POSITIVE, UNIT, Option
 from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
@@ -91,69 +93,60 @@ def frozen_bn_stats(model):
 PERTURBED_BN = {"eval": eval_mode, "batch": frozen_bn_stats}
 
 
+@register_defense
 class IBAU(Defense):
     name = "ibau"
+    label = "I-BAU"
     help = ("adversarial unlearning during KD: one universal perturbation climbs the student's (I-BAU) or the "
             "teacher's (ABD's self-retrospection) divergence; the student keeps the teacher's clean answer there")
     defaults = FINE_TUNING
+    options = (
+        Option("--adv_search", "student", "whose divergence delta climbs: student: D(s(x + delta), t(x)) (I-BAU); "
+               "teacher: T^2 KL(t(x) / T || t(x + delta) / T) on the frozen teacher (ABD's self-retrospection)",
+               type=str, choices=("student", "teacher")),
+        Option("--adv_steps", 1, "ascent steps of delta per training step (with --adv_search student the last one "
+               "uses the student's own backward, at no extra cost)", type=int, range=AT_LEAST_ONE),
+        Option("--ibau_lr", 0.5, "L2 length of one ascent step of delta", range=POSITIVE, aliases=("--adv_lr",)),
+        Option("--ibau_radius", 3.0, "L2 radius of delta over a 3x32x32 image in [0, 1] pixels", range=POSITIVE,
+               aliases=("--adv_radius",)),
+        Option("--adv_beta", 1.0, "weight of the unlearning term D", range=NONNEGATIVE),
+        Option("--adv_init", 0.01, "delta's start: a random point on the L2 sphere of this fraction of --ibau_radius "
+               "(1: the sphere itself, this package before issue 29). I-BAU's and ABD's code start at 0, where a "
+               "divergence between two equal answers has no gradient: a small start gives it one", range=UNIT),
+        Option("--adv_bn", "batch", "the student's batch-norm on the perturbed images, for its unlearning term and "
+               "every ascent step alike: batch: the perturbed batch's own statistics, the running ones left to the "
+               "clean images; eval: running statistics (I-BAU's and SAU's code); shared: clean and perturbed images "
+               "in one train-mode batch, the running statistics learning from both (this package before issue 29; "
+               "kept to reproduce its numbers)", type=str, choices=("batch", "eval", "shared")),
+        Option("--adv_temperature", 8.0, "--adv_search teacher: the temperature T of the divergence delta climbs "
+               "(ABD: 8)", range=POSITIVE),
+        Option("--adv_every", 1, "delta climbs on every this-many-th training step only (and rests in between): with "
+               "the frozen teacher searched, what it climbs does not change, so a rest costs little and saves the "
+               "teacher's backward", type=int, range=AT_LEAST_ONE),
+        Option("--adv_start", None, "a scan.py folder: delta starts at its inverted universal trigger of "
+               "--adv_target's class (projected to the ball) instead of --adv_init's random point", type=str,
+               metavar="SCAN_DIR"),
+        Option("--adv_target", None, "a suspected target class c (scan.py names one): delta climbs the searched "
+               "model's log-probability of c on x + delta instead of a divergence, every ascent step apart from the "
+               "student's backward; the student's term still keeps the teacher's clean answer", type=int,
+               range=NONNEGATIVE),
+    )
 
     @classmethod
-    def add_args(cls, g):
-        g.add_argument("--adv_search", default="student", choices=["student", "teacher"],
-                       help="whose divergence delta climbs: student: D(s(x + delta), t(x)) (I-BAU); teacher: "
-                            "T^2 KL(t(x) / T || t(x + delta) / T) on the frozen teacher (ABD's self-retrospection)")
-        g.add_argument("--adv_steps", type=int, default=1,
-                       help="ascent steps of delta per training step (with --adv_search student the last one "
-                            "uses the student's own backward, at no extra cost)")
-        g.add_argument("--adv_lr", type=float, default=0.5, help="L2 length of one ascent step of delta")
-        g.add_argument("--adv_radius", type=float, default=3.0,
-                       help="L2 radius of delta over a 3x32x32 image in [0, 1] pixels")
-        g.add_argument("--adv_beta", type=float, default=1.0, help="weight of the unlearning term D")
-        g.add_argument("--adv_init", type=float, default=0.01,
-                       help="delta's start: a random point on the L2 sphere of this fraction of --adv_radius (1: the "
-                            "sphere itself, this package before issue 29). I-BAU's and ABD's code start at 0, where a "
-                            "divergence between two equal answers has no gradient: a small start gives it one")
-        g.add_argument("--adv_bn", default="batch", choices=["batch", "eval", "shared"],
-                       help="the student's batch-norm on the perturbed images, for its unlearning term and every "
-                            "ascent step alike: batch: the perturbed batch's own statistics, the running ones left "
-                            "to the clean images; eval: running statistics (I-BAU's and SAU's code); shared: clean and perturbed "
-                            "images in one train-mode batch, the running statistics learning from both (this "
-                            "package before issue 29; kept to reproduce its numbers)")
-        g.add_argument("--adv_temperature", type=float, default=8.0,
-                       help="--adv_search teacher: the temperature T of the divergence delta climbs (ABD: 8)")
-        g.add_argument("--adv_every", type=int, default=1,
-                       help="delta climbs on every this-many-th training step only (and rests in between): with the "
-                            "frozen teacher searched, what it climbs does not change, so a rest costs little and "
-                            "saves the teacher's backward")
-        g.add_argument("--adv_start", default=None, metavar="SCAN_DIR",
-                       help="a scan.py folder: delta starts at its inverted universal trigger of --adv_target's class "
-                            "(projected to the ball) instead of --adv_init's random point")
-        g.add_argument("--adv_target", type=int, default=None,
-                       help="a suspected target class c (scan.py names one): delta climbs the searched model's "
-                            "log-probability of c on x + delta instead of a divergence, every ascent step apart "
-                            "from the student's backward; the student's term still keeps the teacher's clean answer")
-
-    def check(self):
-        a = self.args
-        check_adversary(a)
-        if a.adv_every < 1:
-            raise UserError(f"--adv_every must be at least 1, not {a.adv_every}")
-        if not a.adv_beta >= 0 or not a.adv_temperature > 0 or not 0 <= a.adv_init <= 1:
-            raise UserError(f"--adv_beta must be >= 0, --adv_temperature > 0 and --adv_init in [0, 1] (got "
-                            f"{a.adv_beta}, {a.adv_temperature}, {a.adv_init})")
-        if a.adv_target is not None and not 0 <= a.adv_target < self.teacher.num_classes:
-            raise UserError(f"--adv_target {a.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
-        if a.adv_start is not None and a.adv_target is None:
+    def check(cls, args):
+        super().check(args)
+        if args.adv_start is not None and args.adv_target is None:
             raise UserError("--adv_start needs --adv_target: the class whose inverted trigger delta starts from")
 
     def stages(self, student):
         a = self.args
-        self.check()
+        if a.adv_target is not None and a.adv_target >= self.teacher.num_classes:
+            raise UserError(f"--adv_target {a.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
         if a.adv_start is not None:
             start = load_inverted(a.adv_start, "universal", a.adv_target)[0].reshape(1, 3, 32, 32)
-            self.delta = project(start.to(self.device), a.adv_radius)
+            self.delta = project(start.to(self.device), a.ibau_radius)
         else:
-            self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.adv_radius,
+            self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.ibau_radius,
                                           torch.Generator().manual_seed(a.seed + 7), self.device)
         self.steps = 0  # training steps taken: delta climbs on every --adv_every-th
         optimizer = self.optimizer(student.parameters())
@@ -174,7 +167,7 @@ class IBAU(Defense):
                 else:
                     _, g = input_grad(lambda xp: self_retrospection_loss(
                         self.logits(self.teacher, xp, input_grad=True), t_clean, a.adv_temperature), x, self.delta)
-                self.delta = project(ascent_step(self.delta, g, a.adv_lr), a.adv_radius)
+                self.delta = project(ascent_step(self.delta, g, a.ibau_lr), a.ibau_radius)
 
         def step(x):
             t = self.logits(self.teacher, x)
@@ -199,7 +192,7 @@ class IBAU(Defense):
             loss, unlearn = universal_unlearning_loss(kd, s_pert, t, a.adv_beta)
             optimizer_step(optimizer, loss)
             if ride:  # the student's backward gave delta's gradient too: its last ascent step
-                self.delta = project(ascent_step(self.delta, d.grad, a.adv_lr), a.adv_radius)
+                self.delta = project(ascent_step(self.delta, d.grad, a.ibau_lr), a.ibau_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}
         return [self.make_stage("", a.epoch, student, optimizer, step)]
 

@@ -14,32 +14,40 @@ data, which is what moves its stage-1 teacher away from the backdoor; this port 
 """
 import copy
 
-from helper.defenses.base import Defense
+from helper.defenses.base import Defense, register_defense
+from helper.run.cli import NONNEGATIVE, POSITIVE, Option
 from helper.run.errors import UserError
 from helper.train.features import FeatureHooks
 from helper.train.losses import attention_distillation_loss
 
 
+@register_defense
 class NAD(Defense):
     name = "nad"
+    label = "NAD"
     help = "NAD: fine-tune a teacher copy with KD, then distil with attention maps of layer2-4 against it"
     defaults = {"opt_lr": 0.01, "weight_decay": 5e-4, "epoch": 20, "batch_size": 64, "lr_drop": "off",
                 "opt_nesterov": 1}
 
+    options = (
+        Option("--nad_teacher_epochs", 10, "stage 1: epochs of KD fine-tuning of the teacher copy (NAD: 5-10)",
+               type=int, range=NONNEGATIVE),
+        Option("--nad_layers", "layer2,layer3,layer4", "modules whose outputs are compared", type=str),
+        Option("--nad_betas", (500.0, 1000.0, 1000.0), "weight of the attention loss of each of --nad_layers",
+               nargs="+", range=NONNEGATIVE),
+        Option("--nad_p", 2.0, "attention map A = sum over channels of |F|^p", range=POSITIVE),
+    )
+
     @classmethod
-    def add_args(cls, g):
-        g.add_argument("--nad_teacher_epochs", type=int, default=10,
-                       help="stage 1: epochs of KD fine-tuning of the teacher copy (NAD: 5-10)")
-        g.add_argument("--nad_layers", default="layer2,layer3,layer4", help="modules whose outputs are compared")
-        g.add_argument("--nad_betas", type=float, nargs="+", default=[500.0, 1000.0, 1000.0],
-                       help="weight of the attention loss of each of --nad_layers")
-        g.add_argument("--nad_p", type=float, default=2.0, help="attention map A = sum over channels of |F|^p")
+    def check(cls, args):
+        super().check(args)
+        layers = [s.strip() for s in args.nad_layers.split(",") if s.strip()]
+        if len(layers) != len(args.nad_betas):
+            raise UserError(f"--nad_betas has {len(args.nad_betas)} values for {len(layers)} --nad_layers")
 
     def stages(self, student):
         a = self.args
         layers = [s.strip() for s in a.nad_layers.split(",") if s.strip()]
-        if len(layers) != len(a.nad_betas):
-            raise UserError(f"--nad_betas has {len(a.nad_betas)} values for {len(layers)} --nad_layers")
         nad_teacher = copy.deepcopy(self.teacher).requires_grad_(True)
         opt_teacher = self.optimizer(nad_teacher.parameters())
         finetune = self.distill_step(nad_teacher, self.teacher, lambda s, t, x: (self.kd(s, t), {}), opt_teacher)

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from helper.data.images import to_float
-from helper.defenses.base import FINE_TUNING, Defense
+from helper.defenses.base import FINE_TUNING, Defense, register_defense
+from helper.run.cli import AT_LEAST_ONE, NONNEGATIVE, UNIT, Option, Range, check_options
 from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
@@ -45,23 +46,30 @@ def stamp_share(x, share, family, params):
 SCAN_IMAGES, SCAN_BATCH = 100, 50
 
 
-def add_inversion_args(g, images=500, batch=100):
+def inversion_options(images=500, batch=100):
     """The inversion's flags, shared by ``--defense nc``, ``scan.py`` and ``--defense auto`` (``images``, ``batch``:
     the defaults of ``--nc_images`` and ``--nc_batch``)."""
-    g.add_argument("--nc_images", type=int, default=images, help="defense images the inversion runs on (unaugmented)")
-    g.add_argument("--nc_passes", type=int, default=30, help="passes over them per class")
-    g.add_argument("--nc_batch", type=int, default=batch, help="batch size of the inversion")
-    g.add_argument("--nc_success", type=float, default=0.9,
-                   help="share of the images a trigger must send to its class to count")
-    g.add_argument("--nc_mask_max", type=float, default=1.0, help="largest mask value of the inverted trigger")
-    g.add_argument("--nc_statistic", default="ratio", choices=STATISTICS,
-                   help="the anomaly index of a class's trigger size: ratio, the median size over it; mad, Neural "
-                        "Cleanse's MAD index; log_mad, the MAD index of the log sizes")
-    g.add_argument("--nc_threshold", type=float, default=None,
-                   help="anomaly index above which a class is flagged (default: 2.5 for ratio, 2 for mad and log_mad)")
-    g.add_argument("--nc_stop", type=int, default=0,
-                   help="end a class's search once its goal is reached and this many passes have not shrunk its "
-                        "smallest trigger by 1%% (0: run every pass)")
+    return (
+        Option("--nc_images", images, "defense images the inversion runs on (unaugmented)", type=int, range=AT_LEAST_ONE),
+        Option("--nc_passes", 30, "passes over them per class", type=int, range=AT_LEAST_ONE),
+        Option("--nc_batch", batch, "batch size of the inversion", type=int, range=AT_LEAST_ONE),
+        Option("--nc_success", 0.9, "share of the images a trigger must send to its class to count",
+               range=Range(0, 1, low_open=True)),
+        Option("--nc_mask_max", 1.0, "largest mask value of the inverted trigger", range=Range(0, 1, low_open=True)),
+        Option("--nc_statistic", "ratio", "the anomaly index of a class's trigger size: ratio, the median size over "
+               "it; mad, Neural Cleanse's MAD index; log_mad, the MAD index of the log sizes", type=str,
+               choices=STATISTICS),
+        Option("--nc_threshold", None, "anomaly index above which a class is flagged (default: 2.5 for ratio, 2 for "
+               "mad and log_mad)", range=Range(0, low_open=True)),
+        Option("--nc_stop", 0, "end a class's search once its goal is reached and this many passes have not shrunk "
+               "its smallest trigger by 1%% (0: run every pass)", type=int, range=NONNEGATIVE),
+    )
+
+
+def add_inversion_args(g, images=500, batch=100):
+    """Add ``inversion_options(images, batch)`` to the argument group ``g``."""
+    for option in inversion_options(images, batch):
+        option.add_to(g)
 
 
 def inversion_kw(a):
@@ -70,14 +78,10 @@ def inversion_kw(a):
 
 def check_inversion(a):
     """The inversion's flags in range, one UserError naming the first that is not (before any folder is made)."""
-    for name, ok, rule in (("nc_images", a.nc_images >= 1, "at least 1"), ("nc_passes", a.nc_passes >= 1, "at least 1"),
-                           ("nc_batch", a.nc_batch >= 1, "at least 1"), ("nc_stop", a.nc_stop >= 0, ">= 0 (0: never)"),
-                           ("nc_success", 0 < a.nc_success <= 1, "in (0, 1]"),
-                           ("nc_mask_max", 0 < a.nc_mask_max <= 1, "in (0, 1]"),
-                           ("nc_threshold", a.nc_threshold is None or a.nc_threshold > (1 if a.nc_statistic == "ratio" else 0),
-                            "above 1 for the ratio (a ratio of 1 is the median class itself), above 0 for a MAD index")):
-        if not ok:
-            raise UserError(f"--{name} must be {rule}, not {getattr(a, name)}")
+    check_options(inversion_options(), a)
+    if a.nc_threshold is not None and a.nc_statistic == "ratio" and not a.nc_threshold > 1:
+        raise UserError(f"--nc_threshold must be above 1 for the ratio (a ratio of 1 is the median class itself), "
+                        f"not {a.nc_threshold}")
 
 
 def threshold_of(a):
@@ -85,26 +89,26 @@ def threshold_of(a):
     return THRESHOLDS[a.nc_statistic] if a.nc_threshold is None else a.nc_threshold
 
 
+@register_defense
 class NC(Defense):
     name = "nc"
+    label = "Neural Cleanse"
     help = ("Neural Cleanse during KD: invert a trigger per class, flag the anomalous class (MAD > 2), distil with "
             "its trigger stamped on part of each batch and the teacher's clean answer as the target")
     defaults = FINE_TUNING
+    options = inversion_options() + (
+        Option("--nc_share", 0.2, "share of every batch that carries the trigger", range=UNIT),
+        Option("--nc_every", 0, "invert the flagged class's trigger again on the student every this many epochs "
+               "(0: never)", type=int, range=NONNEGATIVE),
+    )
 
     @classmethod
-    def add_args(cls, g):
-        add_inversion_args(g)
-        g.add_argument("--nc_share", type=float, default=0.2, help="share of every batch that carries the trigger")
-        g.add_argument("--nc_every", type=int, default=0,
-                       help="invert the flagged class's trigger again on the student every this many epochs (0: never)")
+    def check(cls, args):
+        check_inversion(args)
+        super().check(args)
 
     def prepare(self, student):
         a = self.args
-        check_inversion(a)
-        if not 0 <= a.nc_share <= 1:
-            raise UserError(f"--nc_share must be in [0, 1] (a share of every batch), not {a.nc_share}")
-        if a.nc_every < 0:
-            raise UserError(f"--nc_every must be >= 0 (0: never), not {a.nc_every}")
         self.family = MaskPattern(a.nc_mask_max)
         self.inv_images = to_float(self.images[:a.nc_images])
         with eval_mode(self.teacher):

@@ -7,16 +7,24 @@ from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
 from helper.run.cli import TEMPERATURES, add_data_args, add_output_args, add_system_args, eval_every_value
 
 AUTO = "auto"  # --defense auto: scan, choose a defense from the verdict, run it, scan the student (helper.jobs.auto)
-CHOICES = sorted(DEFENSES) + [AUTO]
+
+
+def choices():
+    """``--defense``'s values: every registered defense, and auto."""
+    return sorted(DEFENSES) + [AUTO]
+
+
+def description():
+    """distri.py's description, its defenses named from the registry."""
+    others = ", ".join(n for n in sorted(DEFENSES) if n not in ("asd", "kd"))
+    return ("Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or --defense kd) "
+            f"and the field's baselines (--defense {others}); --defense auto scans the teacher and chooses")
 
 
 def get_args_parser(add_help=True, defense="asd"):
     """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
     p = argparse.ArgumentParser(
-        description="Clean a backdoored teacher by distillation: ASD (the default), plain KD (--ratio_type fix or "
-                    "--defense kd) and the field's baselines (--defense bcu, nad, finetune, abd, clp, fineprune, ibau, sau, nc, "
-                    "renofeation); --defense auto scans the teacher and chooses",
-        add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=description(), add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     add_data_args(p)
 
@@ -27,7 +35,7 @@ def get_args_parser(add_help=True, defense="asd"):
                    help="1: the student starts from the teacher's weights; 0: from fresh weights")
 
     g = p.add_argument_group("Distillation")
-    g.add_argument("--defense", default=defense, choices=CHOICES,
+    g.add_argument("--defense", default=defense, choices=choices(),
                    help="the defense to run; its own flags are listed in its group below (see --defense NAME --help); "
                         "auto: scan the teacher (no trigger read), run the defense its verdict calls for, scan the student")
     g.add_argument("--temperature", type=float, default=40.0,
@@ -105,7 +113,7 @@ def defense_parser(argv=None, **defaults):
     defaults (its own paper's) on top of the package's and ``defaults`` (of a variant entry point) on top of
     those; a flag given on the command line wins over all of them."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=CHOICES)
+    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=choices())
     name = pre.parse_known_args(argv)[0].defense
     parser = get_args_parser(defense=name)
     parser.set_defaults(**(DEFENSES[name].defaults if name != AUTO else {}))
@@ -114,7 +122,8 @@ def defense_parser(argv=None, **defaults):
 
 
 def check_args(args):
-    """Range checks argparse cannot express; a UserError names the flag."""
+    """Range checks argparse cannot express, the shared flags' and then the defense's own (``Defense.check``); a
+    UserError names the flag."""
     from helper.run.errors import UserError
     for name in ("batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
         if getattr(args, name, None) not in (None, "auto") and getattr(args, name) < 1:
@@ -133,8 +142,6 @@ def check_args(args):
         raise UserError(f"--lr_drop_kd must be positive, not {args.lr_drop_kd}")
     if args.thresh_mask is not None and not 0 <= args.thresh_mask < 1:
         raise UserError(f"--thresh_mask must be in [0, 1), not {args.thresh_mask}")
-    if hasattr(args, "eps") and not 0 < args.eps <= 1:
-        raise UserError(f"--eps must be in (0, 1], not {args.eps}")
     if getattr(args, "width", None) is not None and args.width < 1:
         raise UserError(f"--width must be at least 1, not {args.width}")
     if getattr(args, "retune", False):
@@ -146,4 +153,6 @@ def check_args(args):
         if not args.retune_lr > 0 or not args.retune_momentum >= 0:
             raise UserError(f"--retune_lr must be positive and --retune_momentum >= 0, not {args.retune_lr} and "
                             f"{args.retune_momentum}")
+    if args.defense in DEFENSES:  # the defense's own flags (auto checks the scan's)
+        DEFENSES[args.defense].check(args)
     return args

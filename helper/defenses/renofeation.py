@@ -49,7 +49,8 @@ import torch
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from helper.data.images import to_float
-from helper.defenses.base import Defense, Stage
+from helper.defenses.base import Defense, Stage, register_defense
+from helper.run.cli import NONNEGATIVE, Option, Range
 from helper.run.errors import UserError
 from helper.run.system import autocast
 from helper.train.features import FeatureHooks
@@ -99,35 +100,36 @@ def plain_batches(images, batch_size):
         yield to_float(images[i:i + batch_size])
 
 
+@register_defense
 class Renofeation(Defense):
     name = "renofeation"
+    label = "Renofeation"
     help = ("Renofeation: a fresh student learns the teacher's logits (KD) and residual-group features under "
             "spatial dropout; stochastic weight averaging over the last epochs")
     defaults = {"using_checkpoint": 0, "opt_lr": 0.01, "weight_decay": 5e-3, "batch_size": 64, "epoch": 100,
                 "lr_schedule": "cosine", "lr_drop": "off", "temperature": 1.0, "kd_reduction": "batchmean"}
 
-    @classmethod
-    def add_args(cls, g):
-        g.add_argument("--reno_layers", default=GROUPS, help="modules whose outputs are compared (comma-separated)")
-        g.add_argument("--reno_feat_weight", type=float, default=5.0,
-                       help="lambda: weight of sum_l mean((F_s,l - F_t,l)^2) (its script: 5; 1 on CUB-200)")
-        g.add_argument("--reno_dropout", type=float, default=0.1,
-                       help="Dropout2d rate on the output of each of --reno_layers in the student's training forward")
-        g.add_argument("--reno_head_l2", type=float, default=0.01,
-                       help="beta: beta/2 * (||W||^2 + ||b||^2) of the linear head is added to the loss")
-        g.add_argument("--reno_swa_start", type=float, default=0.75,
-                       help="first epoch of weight averaging: a fraction in [0, 1) of --epoch (floored), or an epoch "
-                            "number >= 1; at or past --epoch: no averaging")
-        g.add_argument("--reno_swa_lr", type=float, default=5e-3, help="constant lr of the averaged epochs (SWALR)")
-        g.add_argument("--reno_swa_anneal", type=int, default=0,
-                       help="epochs over which SWALR anneals (cosine) from the lr then to --reno_swa_lr; 0: at once")
+    options = (
+        Option("--reno_layers", GROUPS, "modules whose outputs are compared (comma-separated)", type=str),
+        Option("--reno_feat_weight", 5.0, "lambda: weight of sum_l mean((F_s,l - F_t,l)^2) (its script: 5; 1 on "
+               "CUB-200)", range=NONNEGATIVE),
+        Option("--reno_dropout", 0.1, "Dropout2d rate on the output of each of --reno_layers in the student's "
+               "training forward", range=Range(0, 1, high_open=True)),
+        Option("--reno_head_l2", 0.01, "beta: beta/2 * (||W||^2 + ||b||^2) of the linear head is added to the loss",
+               range=NONNEGATIVE),
+        Option("--reno_swa_start", 0.75, "first epoch of weight averaging: a fraction in [0, 1) of --epoch (floored), "
+               "or a whole epoch number >= 1; at or past --epoch: no averaging", range=NONNEGATIVE),
+        Option("--reno_swa_lr", 5e-3, "constant lr of the averaged epochs (SWALR)", range=NONNEGATIVE),
+        Option("--reno_swa_anneal", 0, "epochs over which SWALR anneals (cosine) from the lr then to --reno_swa_lr; "
+               "0: at once", type=int, range=NONNEGATIVE),
+    )
 
-    def check(self):
-        a = self.args
-        if not 0 <= a.reno_dropout < 1:
-            raise UserError(f"--reno_dropout must be in [0, 1), not {a.reno_dropout}")
-        if a.reno_feat_weight < 0 or a.reno_head_l2 < 0 or a.reno_swa_lr < 0 or a.reno_swa_anneal < 0:
-            raise UserError("--reno_feat_weight, --reno_head_l2, --reno_swa_lr and --reno_swa_anneal must be >= 0")
+    @classmethod
+    def check(cls, args):
+        super().check(args)
+        swa_start_epoch(args.reno_swa_start, args.epoch)  # a whole number from 1 on
+        if not [s for s in args.reno_layers.split(",") if s.strip()]:
+            raise UserError("--reno_layers names no module (default: layer1,layer2,layer3,layer4)")
 
     def swa_start(self):
         """The first averaged epoch; ``--epoch`` (none) with ``--opt_lr 0``, which trains nothing."""
@@ -146,16 +148,12 @@ class Renofeation(Defense):
         return super().selection_note(asked, effective)
 
     def prepare(self, student):
-        self.check()
         start = self.swa_start()
         return {"reno_swa_start_epoch": start if start < self.args.epoch else None}
 
     def stages(self, student):
         a = self.args
-        self.check()
         layers = [s.strip() for s in a.reno_layers.split(",") if s.strip()]
-        if not layers:
-            raise UserError("--reno_layers names no module (default: layer1,layer2,layer3,layer4)")
         self.student, self.start = student, self.swa_start()
         self.swa, self.swa_scheduler, self._bn_for = AveragedModel(student), None, -1  # copied before any hook
         self.hooks = [FeatureHooks(student, layers), FeatureHooks(self.teacher, layers)]

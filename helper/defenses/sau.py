@@ -19,39 +19,39 @@ cosine, batch 256, weight decay 0.
 """
 import torch
 
-from helper.defenses.base import Defense, check_adversary
-from helper.run.errors import UserError
+from helper.defenses.base import Defense, register_defense
+from helper.run.cli import AT_LEAST_ONE, NONNEGATIVE, Option, Range
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import effect, sau_shared_loss, shared_masks, shared_pgd, stamp
 
 
+@register_defense
 class SAU(Defense):
     name = "sau"
+    label = "SAU"
     help = ("Shared Adversarial Unlearning during KD: PGD finds perturbations that fool student and teacher to the "
             "same class; the student unlearns the teacher's class there")
     defaults = {"opt_type": "Adam", "opt_lr": 1e-4, "lr_schedule": "cosine", "batch_size": 256, "lr_drop": "off"}
 
-    @classmethod
-    def add_args(cls, g):
-        g.add_argument("--adv_radius", type=float, default=0.2, help="L-inf radius of the per-sample perturbation")
-        g.add_argument("--adv_steps", type=int, default=5, help="PGD steps per training step")
-        g.add_argument("--adv_lr", type=float, default=0.2, help="PGD's signed step size")
-        g.add_argument("--sau_beta1", type=float, default=0.01, help="PGD: weight of the adversarial cross-entropy")
-        g.add_argument("--sau_beta2", type=float, default=1.0, help="PGD: weight of the JS term (same wrong class)")
-        g.add_argument("--sau_lambda", type=float, default=1.0, help="weight of the shared unlearning loss")
+    options = (
+        Option("--sau_radius", 0.2, "L-infinity radius of the per-sample perturbation, on images in [0, 1]",
+               range=Range(0, 1, low_open=True), aliases=("--adv_radius",)),
+        Option("--adv_steps", 5, "PGD steps per training step", type=int, range=AT_LEAST_ONE),
+        Option("--sau_lr", 0.2, "PGD's signed step size (L-infinity)", range=Range(0, 1, low_open=True),
+               aliases=("--adv_lr",)),
+        Option("--sau_beta1", 0.01, "PGD: weight of the adversarial cross-entropy", range=NONNEGATIVE),
+        Option("--sau_beta2", 1.0, "PGD: weight of the JS term (same wrong class)", range=NONNEGATIVE),
+        Option("--sau_lambda", 1.0, "weight of the shared unlearning loss", range=NONNEGATIVE),
+    )
 
     def stages(self, student):
         a = self.args
-        check_adversary(a)
-        if a.adv_radius > 1 or a.adv_lr > 1:
-            raise UserError(f"--adv_radius and --adv_lr are L-infinity sizes on images in [0, 1] for sau: at most 1, "
-                            f"not {a.adv_radius} and {a.adv_lr} (SAU: 0.2)")
         optimizer = self.optimizer(student.parameters())
 
         def search(model, x, labels):  # labels: the teacher's answers on x, SAU's label and its clean reference
             return shared_pgd(lambda z: self.logits(model, z), lambda z: self.logits(self.teacher, z, input_grad=True),
-                              x, labels, a.adv_radius, a.adv_lr, a.adv_steps, a.sau_beta1, a.sau_beta2, labels)
+                              x, labels, a.sau_radius, a.sau_lr, a.adv_steps, a.sau_beta1, a.sau_beta2, labels)
         self.search = search
 
         def step(x):

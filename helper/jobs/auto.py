@@ -38,7 +38,7 @@ from helper.train.perturb import INVERTED, load_inverted
 TEACHER_SCAN, STUDENT_SCAN = "scan-teacher", "scan-student"
 # the defense of a backdoored verdict, besides its target: measured on the width-8 ADBA, BadNets and Blended teachers
 # against radius 3 (which kept 1-2% more accuracy and let re-tuning bring back 0.09-0.40, docs/experiments.md)
-RECIPE = ["--adv_search", "teacher", "--adv_radius", "6", "--adv_every", "4"]
+RECIPE = ["--adv_search", "teacher", "--ibau_radius", "6", "--adv_every", "4"]
 METRICS = ("acc", "asr", "asr_nontarget", "ra", "retune_acc", "retune_asr_nontarget", "best_epoch", "train_time_s")
 
 

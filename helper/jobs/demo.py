@@ -1,18 +1,22 @@
 """``python distri.py --demo``: the whole story offline on synthetic data — attack, plain KD, ASD, an unlearning
-defense — in one folder.
+defense, and ``--defense auto`` on the teacher handed over without its trigger — in one folder.
 
 1. adba.py's attack trains a small ADBA teacher on the synthetic 10-class task (``synthetic_split('task')``);
 2. distri.py distils it on out-of-distribution synthetic images (``synthetic_split('ood')``: 100 other
    prototypes, finer gratings, every image a mixture of two) with each of ``STUDENTS``: plain KD
    (``--ratio_type fix``), ASD (``--ratio_type scheduler``) and adversarial unlearning (``--defense ibau``),
    all starting from the teacher's weights;
-3. one table: Acc, ASR and ASR non-target of the teacher and each student on the task's test set.
+3. ``--defense auto`` on ``handed/``, a folder holding only the teacher's ``checkpoint.pkl``: the scan, the choice
+   and the defense see no trigger; the attack's trigger (``--trigger_dir teacher/``) only measures the row's ASR;
+4. one table: Acc, ASR and ASR non-target of the teacher and each student on the task's test set.
 
 Nothing here is a second copy of the attack or the defense: the runs are ``helper.attacks.adba.run`` and
 ``helper.jobs.distill.run`` called with their own parsers' arguments, so each sub-folder is an ordinary run
 folder (args.json, log.jsonl, curves.png, ...). The sizes below are chosen for a 2-core CPU.
 """
+import json
 import os
+import shutil
 import sys
 import time
 
@@ -58,6 +62,9 @@ def _attack_argv(args, out_dir, d):
 STUDENTS = (("KD", "kd", ["--defense", "asd", "--ratio_type", "fix"]),
             ("ASD", "asd", ["--defense", "asd", "--ratio_type", "scheduler"]),
             ("I-BAU", "ibau", ["--defense", "ibau"]))
+
+
+AUTO = ("auto", "auto")  # (name, folder) of step 3: the teacher handed over without its trigger
 
 
 def _distill_argv(args, teacher_dir, out_dir, flags, d):
@@ -116,7 +123,7 @@ def run_demo(args, sizes=None, out=print):
     out(f"demo folder: {out_dir}")
     teacher_dir = os.path.join(out_dir, "teacher")
     folders = {name: os.path.join(out_dir, folder) for name, folder, _ in STUDENTS}
-    n_steps = 1 + len(STUDENTS)
+    n_steps = 2 + len(STUDENTS)
 
     out(f"\n== 1/{n_steps} ADBA teacher: width {d['width']}, {d['n_train']} synthetic images, "
         f"{d['attack_epochs']} + {d['consolidation_epochs']} epochs ==")
@@ -131,19 +138,27 @@ def run_demo(args, sizes=None, out=print):
         argv = _distill_argv(args, teacher_dir, folders[name], flags, d)
         results[name] = distill.run(defense_parser(argv).parse_args(argv), out=out)
         times[f"{name.lower().replace('-', '')}_s"] = round(time.time() - t0, 1)
+    auto, auto_run = _run_auto(args, teacher_dir, out_dir, d, n_steps, out)
+    times["auto_s"] = round(time.time() - start - sum(times.values()), 1)
     times["total_s"] = round(time.time() - start, 1)
 
-    table = [("ADBA teacher", teacher)] + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
+    name_auto = f"auto ({auto['choice'][1]}) student"
+    table = ([("ADBA teacher", teacher)] + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
+             + [(name_auto, auto_run)])
     summary = {name: {k: m[k] for k in ("acc", "asr", "asr_nontarget")} for name, m in table}
-    for name, _, _ in STUDENTS:
-        summary[f"{name} student"]["selected_epoch"] = results[name]["best_epoch"]
-        summary[f"{name} student"]["final"] = results[name]["final"]
+    for name, m in [(f"{name} student", results[name]) for name, _, _ in STUDENTS] + [(name_auto, auto_run)]:
+        summary[name]["selected_epoch"] = m["best_epoch"]
+        summary[name]["final"] = m["final"]
+    summary[name_auto].update({k: auto[k] for k in ("verdict", "target", "choice")})
     demo = {"table": summary, "trigger": {k: teacher[k] for k in ("psnr", "ssim", "mask_l1", "mask_share",
                                                                   "trigger_vanished")},
             "teacher_target_rate_clean": teacher["target_rate_clean"], "sizes": d, "times_s": times,
-            "seed": args.seed, "folders": {"teacher": teacher_dir, **{f: folders[n] for n, f, _ in STUDENTS}}}
+            "seed": args.seed, "folders": {"teacher": teacher_dir, **{f: folders[n] for n, f, _ in STUDENTS},
+                                           AUTO[1]: os.path.join(out_dir, AUTO[1])}}
     write_json(os.path.join(out_dir, "demo_results.json"), demo)
-    plot_demo(table, [(name, read_jsonl(os.path.join(folders[name], "log.jsonl"))) for name, _, _ in STUDENTS],
+    plot_demo(table, [(name, read_jsonl(os.path.join(folders[name], "log.jsonl"))) for name, _, _ in STUDENTS]
+              + [(f"auto ({auto['choice'][1]})", read_jsonl(os.path.join(out_dir, AUTO[1], auto["choice"][1],
+                                                                        "log.jsonl")))],
               os.path.join(out_dir, "demo.png"))
 
     out("\n== result (synthetic task test set; students at the epoch >= "
@@ -154,8 +169,25 @@ def run_demo(args, sizes=None, out=print):
     else:
         out(f"trigger: PSNR {teacher['psnr']:.2f} dB, SSIM {teacher['ssim']:.4f}; clean non-target test images the "
             f"teacher sends to the target anyway: {teacher['target_rate_clean']:.4f}")
+    out(f"auto saw only handed/checkpoint.pkl: scan verdict {auto['verdict']}"
+        + (f", target class {auto['target']}" if auto["target"] is not None else "")
+        + f", ran {' '.join(auto['choice'])}; its ASR is measured with the attack's trigger, which it never read")
     out("time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
     out(f"written to {out_dir} (demo_results.json, demo.png; teacher/, "
-        + ", ".join(f"{f}/" for _, f, _ in STUDENTS) + " are ordinary run folders)")
+        + ", ".join(f"{f}/" for _, f, _ in STUDENTS) + f" are ordinary run folders, {AUTO[1]}/ an auto folder)")
     sys.stdout.flush()
     return demo
+
+
+def _run_auto(args, teacher_dir, out_dir, d, n_steps, out):
+    """Step 3: ``--defense auto`` on ``handed/`` (the teacher's checkpoint.pkl alone); (auto's results, its
+    defense run's results). The attack's trigger is named by ``--trigger_dir`` for the ASR and nothing else."""
+    from helper.jobs.auto import run_auto
+    handed = os.path.join(out_dir, "handed")
+    os.makedirs(handed, exist_ok=True)
+    shutil.copy(os.path.join(teacher_dir, "checkpoint.pkl"), os.path.join(handed, "checkpoint.pkl"))
+    out(f"\n== {n_steps}/{n_steps} auto on handed/ (checkpoint.pkl only): scan, choose, defend, scan the student ==")
+    argv = _distill_argv(args, handed, os.path.join(out_dir, AUTO[1]), ["--defense", "auto", "--trigger_dir", teacher_dir], d)
+    auto = run_auto(defense_parser(argv).parse_args(argv), argv, out=out)
+    with open(os.path.join(out_dir, AUTO[1], auto["choice"][1], "results.json")) as f:
+        return auto, json.load(f)

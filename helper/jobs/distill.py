@@ -6,9 +6,10 @@ import time
 
 import torch
 
-from helper.attacks.adba import inert_trigger_warning, trigger_stats
+
 from helper.data import images as D
 from helper.data.teacher_dir import read_teacher, teacher_attack, write_teacher
+from helper.data.trigger import inert_trigger_warning, trigger_stats
 from helper.defenses import DEFENSES
 from helper.defenses.options import check_args
 from helper.jobs.retune import retune_results, retune_set
@@ -58,8 +59,7 @@ def load_data(args):
 
 
 def _run_name(args):
-    name = "kd" if args.defense == "asd" and args.ratio_type == "fix" else args.defense
-    return name + (f"-{args.msg}" if args.msg else "")
+    return DEFENSES[args.defense].run_name(args) + (f"-{args.msg}" if args.msg else "")
 
 
 def _metrics_line(label, m):
@@ -76,10 +76,10 @@ def parser_defaults(args):
 def run(args, out=print):
     """A whole defense run; returns the results dict (also written to results.json)."""
     check_args(args)
-    needs_fp32 = DEFENSES[args.defense].needs_fp32(args)
+    kind = DEFENSES[args.defense]
+    needs_fp32 = kind.needs_fp32(args)
     if needs_fp32 and args.amp == "bf16":
-        raise UserError("--amp bf16 with an ASL weight that can be non-zero: ASL's gradient is rounding noise in bf16 "
-                        "(cosine to fp64 -0.01..0.11, docs/gpu.md); use --amp auto or fp32 (fp32, TF32 off)")
+        raise UserError(kind.fp32_reason)
     device, amp, mem_format = setup(args, needs_fp32=needs_fp32)
     every = eval_every(device, args.eval_every)  # --eval_every auto: decided here, on the run's own device
     teacher, pattern, mask, test_split, defense_split, retune_data = load_inputs(args)
@@ -90,14 +90,14 @@ def run(args, out=print):
         student = resnet18(teacher.num_classes, teacher.width).to(device, memory_format=mem_format)
     student.requires_grad_(True)
     images = defense_split.x.to(device)
-    defense = DEFENSES[args.defense](args, teacher, device, amp, len(images), images)
+    defense = kind(args, teacher, device, amp, len(images), images)
     prepared = defense.prepare(student)
     stages = defense.stages(student)
     eval_set = EvalSet.build(test_split, pattern, mask, args.target_label, device)
     select_from = defense.selection_start(args.select_from if args.epoch > args.select_from else 0)
 
     meta = {**run_environment(device, amp), "n_defense": len(images), "n_test": len(eval_set.labels),
-            "hooked_layers": getattr(defense, "hooked_layers", None), "teacher_width": teacher.width,
+            **defense.run_meta(), "teacher_width": teacher.width,
             "lr_drop_enabled": defense.lr_drop_enabled, "select_from_effective": select_from, "eval_precision": "fp32",
             "eval_every_effective": every}
     try:
@@ -109,7 +109,7 @@ def run(args, out=print):
         return done.results
     out(f"git {meta['git']}, torch {meta['torch']}, device {device} ({meta['precision']}), defense {args.defense}, "
         f"teacher width {teacher.width}, {len(images)} defense images, {len(eval_set.labels)} test images"
-        + (f", hooks on {len(meta['hooked_layers'])} layers" if meta["hooked_layers"] else ""))
+        + (f", {defense.start_line()}" if defense.start_line() else ""))
     if select_from != args.select_from:
         out(f"note: {defense.selection_note(args.select_from, select_from)}")
 
@@ -120,7 +120,8 @@ def run(args, out=print):
     out(_metrics_line("teacher:", teacher_metrics))
     out(_metrics_line("student (start):", init_metrics))
     results = {**{f"teacher_{k}": teacher_metrics[k] for k in METRICS}, "student_init": init_metrics,
-               "defense": args.defense, "ratio_type": getattr(args, "ratio_type", None), "n_defense": len(images),
+               "defense": args.defense, "defense_label": kind.run_label(args), **kind.result_fields(args),
+               "n_defense": len(images),
                "train_precision": meta["precision"], "eval_precision": "fp32",
                "select_from": select_from, **prepared}
     # a teacher without a working backdoor (a clean one, a failed attack) is no test of a defense: say so before training
@@ -186,7 +187,8 @@ def run(args, out=print):
                                             for k, v in defense.evaluated_model(student).state_dict().items()},
                              progress=progress, desc=f"{stage.name or args.defense} epochs",
                              extra={"stage": stage.name} if stage.name else None,
-                             result=selection if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r))
+                             result=selection if is_last else Fit(), after_epoch=lambda e, r, i=i: save_last_epoch(i, e, r),
+                             quiet=defense.quiet)
                 rows += result.rows
                 result.rows = []
                 if result.stopped == "interrupted":

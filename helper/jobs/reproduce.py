@@ -10,7 +10,7 @@ from helper.run.errors import UserError, exits_cleanly
 
 
 def get_parser():
-    from helper.attacks.options import ATTACKS
+    from helper.attacks import ATTACKS
     from helper.defenses import DEFENSES
     from helper.jobs.grid import PRESETS
     from helper.run.cli import eval_every_value
@@ -117,7 +117,7 @@ def attack_specs(specs):
 
     A folder's label is LABEL of ``LABEL=FOLDER``; else its attack's name when no other SPEC claims that name, else
     the folder's own name. A bad SPEC or two teachers with one label is a UserError."""
-    from helper.attacks.options import ATTACKS
+    from helper.attacks import ATTACKS
     from helper.data.teacher_dir import has_trigger, teacher_attack
     found = []
     for spec in specs:

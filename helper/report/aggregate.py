@@ -12,7 +12,7 @@ import sys
 METRICS = ("acc", "asr", "asr_nontarget", "ra")
 # summarised too where every run has them: the ASR over a run's last 10 evaluations, the re-tuning test's numbers
 OPTIONAL = ("asr_last10_mean", "retune_acc", "retune_asr", "retune_asr_nontarget", "retune_ra")
-SAME = ("defense", "ratio_type", "n_defense")  # what every summarised run must share
+SAME = ("defense", "defense_label", "n_defense")  # what every summarised run must share (KD and ASD: one defense)
 
 
 def asr_last10(rows):

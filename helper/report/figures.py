@@ -71,10 +71,10 @@ def read_run(folder):
     return {"dir": folder, "args": args, "results": results, "selected": selected}
 
 
-def defense_label(args):
-    """The run's defense as a reader names it: ``KD`` for ASD's ``--ratio_type fix``, else the defense in capitals."""
-    name = args.get("defense", "asd")
-    return "KD" if name == "asd" and args.get("ratio_type") == "fix" else str(name).upper()
+def defense_label(run):
+    """The run's defense as a reader names it: its results' ``defense_label`` (the defense's ``run_label``), else, for
+    a run without one, its ``--defense`` in capitals."""
+    return (run.get("results") or {}).get("defense_label") or str(run["args"].get("defense", "asd")).upper()
 
 
 def folder_label(folder):
@@ -142,7 +142,7 @@ def compare_attention(folders, out, layers=("layer4",), n_images=PICTURE_IMAGES)
     images, row_labels, outlined = picture_rows(split, picture_indices(split.y, target, n_images), pattern, mask)
     maps = [group_attention(m, images) for m in [teacher, *students]]
     teacher_label = "teacher\n(frozen)\n" + (_scores(runs[0]["results"], "teacher_") if runs[0]["results"] else "")
-    labels = [teacher_label] + [f"{defense_label(r['args'])}\n{folder_label(r['dir'])[:18]}\n"
+    labels = [teacher_label] + [f"{defense_label(r)}\n{folder_label(r['dir'])[:18]}\n"
                                 f"{_scores(r['results'])}" for r in runs]
     columns, separators = [], []
     for layer in layers:

@@ -5,7 +5,7 @@ import textwrap
 import matplotlib
 
 from helper.run.runlog import atomic_write
-from helper.train.metrics import psnr, ssim
+from helper.data.metrics import psnr, ssim
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -99,7 +99,7 @@ def plot_attack_curves(rows, path, title=""):
 
 def plot_trigger(pattern, mask, clean, triggered, path):
     """The trigger and what it does: pattern, mask (its own colour scale), pattern x mask, then the clean /
-    triggered test-image pairs, each pair's PSNR and SSIM (``helper.train.metrics``) above it; saved as PNG.
+    triggered test-image pairs, each pair's PSNR and SSIM (``helper.data.metrics``) above it; saved as PNG.
 
     ``pattern`` (3,H,W), ``mask`` (1,H,W), ``clean`` and ``triggered`` (N,3,H,W), all in [0,1] on the CPU.
     """

@@ -13,8 +13,6 @@ ROWS = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"), ("r
 # the re-tuning attack's numbers (distri.py --retune): shown where a cell's runs all have them
 RETUNE_ROWS = (("retune_acc", "re-tuned Acc"), ("retune_asr", "re-tuned ASR"),
                ("retune_asr_nontarget", "re-tuned ASR non-target"))
-NAMES = {"asd": "ASD", "kd": "KD", "bcu": "BCU", "nad": "NAD", "finetune": "Fine-tuning", "abd": "ABD", "clp": "CLP",
-         "fineprune": "Fine-Pruning"}
 # SPEC section 7: the paper's (defense, defense images) -> (Acc, ASR); not measured here
 PAPER = {("kd", 5000): (0.74, 0.53), ("asd", 5000): (0.46, 0.18), ("bcu", 5000): (0.87, 0.86),
          ("kd", 50000): (0.88, 0.98), ("asd", 50000): (0.65, 0.21), ("bcu", 50000): (0.90, 0.97),
@@ -27,6 +25,8 @@ def cell_summary(defense, n_defense, folders, root):
     trimmed = trimmed_summary(results)
     entry = {"defense": defense, "n_defense": n_defense, "n_runs": trimmed["n_runs"], "n_kept": trimmed["n_kept"],
              "runs": [os.path.relpath(f, root) for f in folders]}
+    if results[0].get("defense_label"):  # the defense's own name for tables (its class's ``label``)
+        entry["label"] = results[0]["defense_label"]
     try:
         with open(os.path.join(folders[0], "args.json")) as f:
             run_args = json.load(f)
@@ -43,9 +43,12 @@ def cell_summary(defense, n_defense, folders, root):
 
 
 def label(entry):
-    """A cell's name: the defense's (``NAMES``), or its arm's label for an arm of a study."""
-    name = entry.get("arm", entry["defense"])
-    return NAMES.get(name, name)
+    """A cell's name: its arm's label for an arm of a study (an arm named otherwise than its defense), else the name
+    its runs' defense gives itself (``defense_label`` in results.json), else the defense's."""
+    arm = entry.get("arm")
+    if arm and arm != entry["defense"]:
+        return arm
+    return entry.get("label") or entry["defense"]
 
 
 def column(entry):

@@ -5,6 +5,7 @@ The parsers built from them: ``helper.defenses.options`` (distri.py), ``helper.a
 Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_lr``, ``--epoch``, ...).
 """
 import argparse
+from dataclasses import dataclass
 
 TEMPERATURES = (0.05, 1000.0)  # KD temperatures a run accepts
 
@@ -118,3 +119,75 @@ def nonneg_value(text):
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
     return value
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number flag accepts: ``low`` and ``high`` (None: unbounded), each included unless ``*_open``."""
+    low: float = None
+    high: float = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value):
+        if value != value:  # NaN is in no range
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self):
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NONNEGATIVE, AT_LEAST_ONE, UNIT = Range(0, low_open=True), Range(0), Range(1), Range(0, 1)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One flag of a method, declared once: ``flag`` (its name; ``aliases``: older names that still parse), its
+    ``default``, ``type``, ``choices``, ``metavar`` and ``nargs`` as argparse takes them (a tuple default of a
+    ``nargs`` flag parses as a list), and ``range`` (a ``Range``, of every value of a list), checked by
+    ``check_options`` before a run makes its folder. ``None`` passes the range (an optional flag left unset)."""
+    flag: str
+    default: object
+    help: str
+    type: type = float
+    range: Range = None
+    choices: tuple = None
+    aliases: tuple = ()
+    metavar: object = None
+    nargs: object = None
+
+    @property
+    def dest(self):
+        return self.flag.lstrip("-")
+
+    def add_to(self, group):
+        kw = {"default": self.default, "help": self.help, "dest": self.dest}
+        if self.type is not str:
+            kw["type"] = self.type
+        for key in ("choices", "metavar", "nargs"):
+            if getattr(self, key) is not None:
+                kw[key] = list(getattr(self, key)) if key == "choices" else getattr(self, key)
+        if self.nargs is not None and isinstance(self.default, tuple):
+            kw["default"] = list(self.default)
+        group.add_argument(self.flag, *self.aliases, **kw)
+
+
+def check_options(options, args):
+    """A UserError naming the first flag of ``options`` whose value in ``args`` (each value of a list) is outside its
+    range."""
+    from helper.run.errors import UserError
+    for o in options:
+        value = getattr(args, o.dest, None)
+        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None and v not in o.range] \
+            if o.range is not None else []
+        if bad:
+            also = f" (also {', '.join(o.aliases)})" if o.aliases else ""
+            where = f" (of {' '.join(f'{v:g}' for v in value)})" if isinstance(value, (list, tuple)) else ""
+            raise UserError(f"{o.flag}{also} must be {o.range}, not {bad[0]}{where}")

@@ -15,8 +15,7 @@ from helper.run import interrupt
 from helper.run.runlog import append_jsonl
 
 SHORT = {"kd_loss": "kd", "asr_nontarget": "asr_nt"}  # names in the printed epoch line
-QUIET = {"epoch", "time_s", "top_class_share", "target_rate_clean", "conv_weight_norm", "kd_weight", "asl_weight",
-         "lambda", "stage", "phase", "diag"}
+QUIET = {"epoch", "time_s", "top_class_share", "target_rate_clean", "conv_weight_norm", "stage", "phase", "diag"}
 
 
 def optimizer_step(optimizer, loss, clip_norm=0.0):
@@ -73,17 +72,18 @@ def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
-def epoch_line(row):
-    """``epoch   3  kd 0.0158  asl 2.3125  lr 1.0e-03  acc 0.1094 ...``: the printed form of a log row."""
+def epoch_line(row, quiet=()):
+    """``epoch   3  kd 0.0158  asl 2.3125  lr 1.0e-03  acc 0.1094 ...``: the printed form of a log row, without the
+    keys of ``QUIET`` and ``quiet`` (a method's own: logged, not printed)."""
     parts = [f"{row.get('stage', '')} epoch {row['epoch']:3d}".strip()]
     for key, value in row.items():
-        if key not in QUIET:
+        if key not in QUIET and key not in quiet:
             parts.append(f"{SHORT.get(key, key)} {f'{value:.1e}' if key == 'lr' else _fmt(value)}")
     return "  ".join(parts)
 
 
 def fit(epochs, train_epoch, evaluate_epoch, log_path, select_key=None, select_from=0, state=None,
-        progress=True, desc="epochs", out=tqdm.write, extra=None, result=None, after_epoch=None):
+        progress=True, desc="epochs", out=tqdm.write, extra=None, result=None, after_epoch=None, quiet=()):
     """Train over the epoch numbers ``epochs`` (a range), top to bottom:
 
     1. ``train_epoch(epoch)`` trains one epoch and returns its means (and schedule values);
@@ -93,6 +93,8 @@ def fit(epochs, train_epoch, evaluate_epoch, log_path, select_key=None, select_f
     5. from ``select_from`` on, the row with the lowest ``select_key`` (the mean KD loss: a defender has no
        labelled data to select by accuracy) is kept, with ``state()`` of that moment;
     6. ``after_epoch(epoch, fit)`` (``--resume``'s ``last.pt``).
+
+    ``quiet``: keys of the row that are logged but not printed (``epoch_line``).
 
     A stop asked for by a signal (``helper.run.interrupt``) ends the loop between two steps with ``stopped =
     "interrupted"``; the epoch under way is dropped (a resumed run does it again). ``result`` continues a
@@ -107,7 +109,7 @@ def fit(epochs, train_epoch, evaluate_epoch, log_path, select_key=None, select_f
             append_jsonl(log_path, row)
             result.rows.append(row)
             if out is not None:
-                out(epoch_line(row))
+                out(epoch_line(row, quiet))
             bad = [k for k, v in stats.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 result.stopped = f"non-finite loss at epoch {epoch} ({', '.join(bad)})"

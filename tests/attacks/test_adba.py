@@ -8,11 +8,12 @@ import torch.nn.functional as F
 
 import adba
 import distri
-from helper.attacks.adba import ADBA, init_trigger, poison_batch, trigger_stats, trigger_vanished
+from helper.attacks.adba import ADBA, init_trigger, poison_batch
+from helper.data.trigger import trigger_stats, trigger_vanished
 from helper.attacks.options import get_attack_parser
 from helper.data.trigger import apply_trigger
 from helper.run.runlog import read_jsonl
-from helper.train.metrics import psnr, ssim
+from helper.data.metrics import psnr, ssim
 from models import resnet18
 
 DEVICE = torch.device(os.environ.get("ASD_TEST_DEVICE", "cpu"))

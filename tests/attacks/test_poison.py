@@ -9,8 +9,9 @@ import torch
 
 import adba
 import distri
-from helper.attacks.adba import inert_trigger_warning, trigger_stats
-from helper.attacks.options import POISONING_DEFAULTS, attack_parser
+from helper.data.trigger import inert_trigger_warning, trigger_stats
+from helper.attacks.options import attack_parser
+from helper.attacks.poison import POISONING_DEFAULTS
 from helper.attacks.poison import (
     BLENDED_ALPHA,
     badnets_trigger,

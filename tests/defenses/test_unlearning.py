@@ -51,10 +51,24 @@ def test_args_record_each_defense_defaults(tmp_path):
     256, L-inf 0.2 in 5 steps of 0.2; I-BAU with an L2 ball."""
     teacher = write_teacher_dir(tmp_path / "teacher")
     args = distri.defense_parser(["--defense", "sau"]).parse_args(["--defense", "sau"])
-    assert (args.opt_type, args.opt_lr, args.batch_size, args.adv_radius, args.adv_steps, args.adv_lr) == \
+    assert (args.opt_type, args.opt_lr, args.batch_size, args.sau_radius, args.adv_steps, args.sau_lr) == \
         ("Adam", 1e-4, 256, 0.2, 5, 0.2)
     args = distri.defense_parser(["--defense", "ibau"]).parse_args(["--defense", "ibau"])
-    assert (args.adv_search, args.adv_radius, args.adv_steps, args.opt_lr) == ("student", 3.0, 1, 0.01)
+    assert (args.adv_search, args.ibau_radius, args.adv_steps, args.opt_lr) == ("student", 3.0, 1, 0.01)
+    assert teacher  # the folder fixture is not needed beyond parsing
+
+
+def test_each_unlearning_defense_has_its_own_radius_and_the_old_flag_still_parses(tmp_path):
+    """``--adv_radius`` was an L2 radius for ibau and an L-infinity one for sau: now ``--ibau_radius`` and
+    ``--sau_radius`` (and ``--ibau_lr``, ``--sau_lr``), the old names kept as aliases of each."""
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    for name, own in (("ibau", "ibau"), ("sau", "sau")):
+        old = distri.defense_parser(["--defense", name]).parse_args(["--defense", name, "--adv_radius", "0.5",
+                                                                     "--adv_lr", "0.25"])
+        new = distri.defense_parser(["--defense", name]).parse_args(["--defense", name, f"--{own}_radius", "0.5",
+                                                                     f"--{own}_lr", "0.25"])
+        assert vars(old) == vars(new) and getattr(new, f"{own}_radius") == 0.5 and getattr(new, f"{own}_lr") == 0.25
+        assert not hasattr(new, "adv_radius") and not hasattr(new, "adv_lr")
     assert teacher  # the folder fixture is not needed beyond parsing
 
 
@@ -289,10 +303,19 @@ def test_ibau_climbs_on_every_nth_step_only(tmp_path, monkeypatch, every, climbs
     assert torch.load(out / "last.pt", weights_only=True)["defense"]["steps"] == 4
 
 
-@pytest.mark.parametrize("extra,said", [(["--defense", "sau", "--adv_radius", "2"], "at most 1"),
-                                        (["--defense", "nc", "--nc_share", "1.5"] + SMALL_NC, "--nc_share must be in [0, 1]"),
-                                        (["--defense", "nc", "--nc_images", "0"], "--nc_images must be at least 1"),
-                                        (["--defense", "auto", "--nc_threshold", "0.5"], "--nc_threshold must be above 1")])
+@pytest.mark.parametrize("extra,said", [
+    (["--defense", "sau", "--adv_radius", "2"], "--sau_radius (also --adv_radius) must be in (0, 1], not 2.0"),
+    (["--defense", "nc", "--nc_share", "1.5"] + SMALL_NC, "--nc_share must be in [0, 1], not 1.5"),
+    (["--defense", "nc", "--nc_images", "0"], "--nc_images must be >= 1, not 0"),
+    (["--defense", "auto", "--nc_threshold", "0.5"], "--nc_threshold must be above 1"),
+    (["--defense", "ibau", "--adv_beta", "-1"], "--adv_beta must be >= 0, not -1.0"),
+    (["--defense", "ibau", "--adv_start", "somewhere"], "--adv_start needs --adv_target"),
+    (["--defense", "renofeation", "--reno_swa_start", "1.5"], "--reno_swa_start must be a fraction in [0, 1) or a whole"),
+    (["--defense", "nad", "--nad_betas", "1", "2"], "--nad_betas has 2 values for 3 --nad_layers"),
+    (["--defense", "bcu", "--bcu_ratios", "0", "0", "0", "0", "1.5", "0"], "--bcu_ratios must be in [0, 1], not 1.5"),
+    (["--defense", "fineprune", "--fp_step", "0"], "--fp_step must be in (0, 1], not 0.0"),
+    (["--defense", "asd", "--eps", "0"], "--eps must be in (0, 1], not 0.0"),
+])
 def test_out_of_range_unlearning_flags_are_refused_in_one_line(tmp_path, capsys, extra, said):
     teacher = write_teacher_dir(tmp_path / "teacher")
     with pytest.raises(SystemExit) as e:

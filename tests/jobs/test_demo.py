@@ -16,7 +16,15 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
                  *(f"{folder}/{f}" for _, folder, _ in demo.STUDENTS for f in ("results.json", "curves.png"))):
         assert os.path.isfile(out / name), name
     saved = json.load(open(out / "demo_results.json"))
-    assert set(saved["table"]) == {"ADBA teacher", *(f"{name} student" for name, _, _ in demo.STUDENTS)}
+    auto = [k for k in saved["table"] if k.startswith("auto (")]
+    assert set(saved["table"]) == {"ADBA teacher", *(f"{name} student" for name, _, _ in demo.STUDENTS), *auto}
+    # the last step: auto on a folder holding the teacher's checkpoint alone, measured with the attack's trigger
+    assert len(auto) == 1 and os.listdir(out / "handed") == ["checkpoint.pkl"]
+    row = saved["table"][auto[0]]
+    assert auto[0] == f"auto ({row['choice'][1]}) student" and row["choice"][1] in ("kd", "ibau")
+    assert (row["choice"][1] == "ibau") == (row["verdict"] == "backdoored")
+    assert json.load(open(out / "auto" / "results.json"))["measured_with"] == f"--trigger_dir {out / 'teacher'}"
+    assert os.path.isfile(out / "auto" / row["choice"][1] / "results.json")
     assert [name for name, _, _ in demo.STUDENTS][:2] == ["KD", "ASD"] and len(demo.STUDENTS) == 3
     for row in saved["table"].values():
         assert {"acc", "asr", "asr_nontarget"} <= set(row)

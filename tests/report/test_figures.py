@@ -166,8 +166,8 @@ def test_attention_command_draws_runs_of_one_teacher_side_by_side(teacher_dir, t
     out = str(tmp_path / "cmp.png")
     assert figures.main(["attention", kd, asd, "--layers", "layer3", "layer4", "--images", "2", "--out", out]) == out
     assert _is_png(out) and "written to" in capsys.readouterr().out
-    assert figures.defense_label({"defense": "asd", "ratio_type": "fix"}) == "KD"
-    assert figures.defense_label({"defense": "bcu"}) == "BCU"
+    assert figures.defense_label({"args": {"defense": "asd"}, "results": {"defense_label": "KD"}}) == "KD"
+    assert figures.defense_label({"args": {"defense": "bcu"}, "results": None}) == "BCU"  # a run without the field
 
 
 def test_attention_command_refuses_runs_of_different_teachers(teacher_dir, tmp_path, capsys):

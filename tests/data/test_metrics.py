@@ -1,11 +1,11 @@
-"""Tests for helper.train.metrics against values worked out by hand / plain numpy."""
+"""Tests for helper.data.metrics against values worked out by hand / plain numpy."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from helper.train.metrics import psnr, ssim
+from helper.data.metrics import psnr, ssim
 
 C1, C2 = 0.01 ** 2, 0.03 ** 2
 
@@ -124,7 +124,7 @@ def test_psnr_leaves_out_the_pairs_a_trigger_does_not_change():
 
 
 def test_a_badnets_trigger_on_white_corners_is_not_called_vanished():
-    from helper.attacks.adba import trigger_stats
+    from helper.data.trigger import trigger_stats
     mask = torch.zeros(1, 32, 32)
     mask[:, 29:, 29:] = 1.0
     clean = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
