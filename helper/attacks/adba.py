@@ -17,8 +17,6 @@ PSNR/SSIM between clean and triggered test images; ``trigger_vanished`` says whe
 """
 import math
 import os
-import signal
-import time
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +30,9 @@ from helper.data.teacher_dir import write_teacher
 from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger, trigger_stats
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
-from helper.run.errors import Stopped, UserError
-from helper.run.interrupt import stop_on_signals
-from helper.run.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
-from helper.run.runlog import read_jsonl, write_json
+from helper.run.lifecycle import Life
+from helper.run.resume import Finished
+from helper.run.runlog import write_json
 from helper.run.system import autocast, eval_batch_size, run_environment, setup
 from helper.train.engine import fit, optimizer_step, run_epoch
 from helper.train.evaluate import EvalSet, evaluate
@@ -178,11 +175,11 @@ def run(args, out=print):
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test),
             "num_classes": num_classes, "consolidation_epochs_effective": consolidation_epochs}
     try:
-        out_dir, last = open_or_resume(args, "adba" + (f"-{args.msg}" if args.msg else ""), {**vars(args), **meta}, out,
-                                       attack_defaults(args), device=device)
+        life = Life.open(args, "adba", {**vars(args), **meta}, out, attack_defaults(args), device=device)
     except Finished as done:
         out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
         return done.results
+    out_dir, last, rows = life.folder, life.last, life.rows
     out(f"device {device} ({meta['precision']}), width {args.width}, {len(train)} training and {len(test)} test images, "
         f"{args.epochs} + {consolidation_epochs} epochs, target {args.target_label}")
 
@@ -195,11 +192,9 @@ def run(args, out=print):
                 args.weight_decay, amp)
     optimizers = (adba.opt_teacher, adba.opt_shadow, adba.opt_trigger)
     train, test_x = train.to(device), test.x.to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
     progress = not args.no_progress
-    log_path = os.path.join(out_dir, "log.jsonl")
-    rows, next_epoch = [], 0
+    next_epoch, total = 0, args.epochs + consolidation_epochs
     if last is not None:  # --resume: models, trigger, optimizers, RNGs, the next epoch
         teacher.load_state_dict(last["teacher"])
         shadow.load_state_dict(last["shadow"])
@@ -208,10 +203,10 @@ def run(args, out=print):
             mask.copy_(last["mask"])
         for opt, state in zip(optimizers, last["optimizers"]):
             opt.load_state_dict(state)
-        set_rng_states(generator, last["rng"], device)
-        rows, next_epoch = read_jsonl(log_path), last["epoch"]
+        life.restore_rng()
+        next_epoch = last["epoch"]
     warned = any(r.get("vanished") for r in rows)
-    start = time.time() - (last["elapsed"] if last else 0.0)
+    life.start_clock()
 
     def evaluate_epoch(epoch, phase, with_shadow):
         nonlocal warned
@@ -231,40 +226,37 @@ def run(args, out=print):
                        f"{stats['mask_max']:.4f}, PSNR {stats['psnr']:.1f} dB): triggered images equal clean ones; "
                        f"lower --miu or raise --trigger_lr")
             warned = True
-        return {**row, **stats, "time_s": round(time.time() - start, 3)}
+        return {**row, **stats, "time_s": round(life.elapsed(), 3)}
 
     def save_last_epoch(epoch, result):
-        if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs + consolidation_epochs:
-            save_last(out_dir, {"epoch": epoch + 1, "teacher": teacher.state_dict(), "shadow": shadow.state_dict(),
-                                "pattern": pattern.detach(), "mask": mask.detach(),
-                                "optimizers": [o.state_dict() for o in optimizers],
-                                "rng": rng_states(generator, device),
-                                "n_rows": len(rows) + len(result.rows), "elapsed": time.time() - start})
+        life.save(epoch, total, {"epoch": epoch + 1, "teacher": teacher.state_dict(), "shadow": shadow.state_dict(),
+                                 "pattern": pattern.detach(), "mask": mask.detach(),
+                                 "optimizers": [o.state_dict() for o in optimizers]}, len(rows) + len(result.rows))
 
-    def phase(name, epochs, train_epoch, with_shadow):
-        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), log_path, progress=progress,
-                     desc=f"{name} epochs", out=None, extra={"phase": name}, after_epoch=save_last_epoch)
-        rows.extend(result.rows)
-        if result.stopped == "interrupted":
+    def keep(why):
+        if why == "interrupted":
             save_checkpoint(teacher, os.path.join(out_dir, "checkpoint.pkl"))
             write_json(os.path.join(out_dir, "results.json"), {"stopped": "interrupted", "epochs_run": len(rows)})
-            raise Stopped(f"interrupted by {signal.Signals(result.signum).name} after {len(rows)} of "
-                          f"{args.epochs + consolidation_epochs} epochs; what was written is kept in {out_dir}; "
-                          f"continue with: {resume_hint(out_dir)}", result.signum)
-        if result.stopped:
-            raise UserError(f"{result.stopped.replace('epoch', name + ' epoch')}; stopped, what was written is kept "
-                            f"in {out_dir} (try a smaller --lr)")
 
-    with stop_on_signals():
+    def phase(name, epochs, train_epoch, with_shadow):
+        result = fit(epochs, train_epoch, lambda e: evaluate_epoch(e, name, with_shadow), life.log_path,
+                     progress=progress, desc=f"{name} epochs", out=None, extra={"phase": name},
+                     after_epoch=save_last_epoch)
+        rows.extend(result.rows)
+        if result.stopped and result.stopped != "interrupted":
+            result.stopped = result.stopped.replace("epoch", name + " epoch")
+        life.end(result, len(rows), total, keep, hint=" (try a smaller --lr)")
+
+    with life.signals():
         phase("adba", range(next_epoch, args.epochs),
-              lambda e: train_adba_epoch(adba, train, args.batch_size, generator, mem_format, progress), True)
+              lambda e: train_adba_epoch(adba, train, args.batch_size, life.generator, mem_format, progress), True)
         # the trigger is fixed from here on (pattern and mask are no longer stepped)
         p, m = pattern.detach().clone(), mask.detach().clone()
-        phase("consolidation", range(max(next_epoch, args.epochs), args.epochs + consolidation_epochs),
+        phase("consolidation", range(max(next_epoch, args.epochs), total),
               lambda e: consolidate_epoch(teacher, adba.opt_teacher, train, p, m, args.target_label,
-                                          args.poison_rate, args.batch_size, generator, mem_format, amp, progress),
+                                          args.poison_rate, args.batch_size, life.generator, mem_format, amp, progress),
               False)
-    train_time = time.time() - start
+    train_time = life.elapsed()
     joint = [r for r in rows if r["phase"] == "adba"]
     phase1 = {k: joint[-1][k] for k in ("acc", "asr", "asr_nontarget")} if joint else {}
 

@@ -13,6 +13,7 @@ from helper.run.cli import (
 )
 
 from helper.attacks.base import ATTACKS  # adba.py --attack: every registered attack (helper/attacks/*.py)
+from helper.run.errors import UserError
 
 
 def get_attack_parser(add_help=True):
@@ -89,7 +90,6 @@ def get_attack_parser(add_help=True):
 
 def check_attack_args(args):
     """Range checks of adba.py's arguments argparse cannot express; a UserError names the flag."""
-    from helper.run.errors import UserError
     for name in ("batch_size", "epochs", "width", "eval_batch_size", "checkpoint_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")

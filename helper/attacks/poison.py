@@ -20,8 +20,6 @@ poisoned training images carry exactly the trigger they are tested with, as ADBA
 The subset is fixed; only which crop and flip each of its images gets changes from epoch to epoch.
 """
 import os
-import signal
-import time
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +32,10 @@ from helper.data.teacher_dir import find_trigger, write_teacher
 from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, trigger_stats
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
-from helper.run.errors import Stopped, UserError
-from helper.run.interrupt import stop_on_signals
-from helper.run.resume import Finished, open_or_resume, resume_hint, rng_states, save_last, set_rng_states
-from helper.run.runlog import read_jsonl, write_json
+from helper.run.errors import UserError
+from helper.run.lifecycle import Life
+from helper.run.resume import Finished
+from helper.run.runlog import write_json
 from helper.run.system import autocast, eval_batch_size, run_environment, setup
 from helper.train.engine import fit, optimizer_step, run_epoch
 from helper.train.evaluate import EvalSet, eval_mode, evaluate, predict
@@ -163,11 +161,11 @@ def run(args, out=print, trigger=None):
     meta = {**run_environment(device, amp), "n_train": len(train), "n_test": len(test), "num_classes": num_classes,
             "n_poisoned": len(index)}
     try:
-        out_dir, last = open_or_resume(args, args.attack + (f"-{args.msg}" if args.msg else ""),
-                                       {**vars(args), **meta}, out, attack_defaults(args), device=device)
+        life = Life.open(args, args.attack, {**vars(args), **meta}, out, attack_defaults(args), device=device)
     except Finished as done:
         out(f"{args.output_dir} is a finished attack (results.json); nothing to resume")
         return done.results
+    out_dir, last, rows = life.folder, life.last, life.rows
     out(f"device {device} ({meta['precision']}), width {args.width}, attack {args.attack}: "
         + (f"{len(index)} of {len(train)} training images ({args.poison_rate:g}) stamped and relabelled to "
            f"{args.target_label}" if trigger is not None else f"{len(train)} clean training images")
@@ -181,16 +179,14 @@ def run(args, out=print, trigger=None):
     test_x, test_y = test.x.to(device), test.y.to(device)
     eval_set = EvalSet.build(test, *measured, args.target_label, device) if measured is not None else None
     eval_kw = dict(batch_size=eval_batch_size(device, args.eval_batch_size), amp=amp, memory_format=mem_format)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
     progress = not args.no_progress
-    log_path = os.path.join(out_dir, "log.jsonl")
-    rows, next_epoch = [], 0
+    next_epoch = 0
     if last is not None:  # --resume: the model, its optimizer, the RNGs, the next epoch (the subset is redrawn the same)
         model.load_state_dict(last["teacher"])
         optimizer.load_state_dict(last["optimizer"])
-        set_rng_states(generator, last["rng"], device)
-        rows, next_epoch = read_jsonl(log_path), last["epoch"]
-    start = time.time() - (last["elapsed"] if last else 0.0)
+        life.restore_rng()
+        next_epoch = last["epoch"]
+    life.start_clock()
 
     def train_epoch(epoch):
         lr = cosine_lr(args.lr, epoch, args.epochs) if args.lr_schedule == "cosine" else args.lr
@@ -199,32 +195,29 @@ def run(args, out=print, trigger=None):
 
         def step(x, y, s):
             return {"teacher_loss": poisoned_step(model, optimizer, x, y, s, p, m, amp)}
-        batches = labelled_batches(images, labels, stamp, args.batch_size, generator, mem_format, progress,
+        batches = labelled_batches(images, labels, stamp, args.batch_size, life.generator, mem_format, progress,
                                    f"{args.attack} batches")
         return {**run_epoch(step, batches), "lr": lr}
 
     def evaluate_epoch(epoch):
         metrics = evaluate(model, eval_set, **eval_kw) if eval_set is not None else clean_metrics(model, test_x, test_y, **eval_kw)
-        return {**metrics, "time_s": round(time.time() - start, 3)}
+        return {**metrics, "time_s": round(life.elapsed(), 3)}
 
     def save_last_epoch(epoch, result):
-        if (epoch + 1) % args.checkpoint_every == 0 or epoch + 1 == args.epochs:
-            save_last(out_dir, {"epoch": epoch + 1, "teacher": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "rng": rng_states(generator, device), "n_rows": len(rows) + len(result.rows),
-                                "elapsed": time.time() - start})
+        life.save(epoch, args.epochs, {"epoch": epoch + 1, "teacher": model.state_dict(),
+                                       "optimizer": optimizer.state_dict()}, len(rows) + len(result.rows))
 
-    with stop_on_signals():
-        result = fit(range(next_epoch, args.epochs), train_epoch, evaluate_epoch, log_path, progress=progress,
+    def keep(why):
+        if why == "interrupted":
+            save_checkpoint(model, os.path.join(out_dir, "checkpoint.pkl"))
+            write_json(os.path.join(out_dir, "results.json"), {"stopped": "interrupted", "epochs_run": len(rows)})
+
+    with life.signals():
+        result = fit(range(next_epoch, args.epochs), train_epoch, evaluate_epoch, life.log_path, progress=progress,
                      desc=f"{args.attack} epochs", extra={"phase": args.attack}, after_epoch=save_last_epoch)
     rows.extend(result.rows)
-    if result.stopped == "interrupted":
-        save_checkpoint(model, os.path.join(out_dir, "checkpoint.pkl"))
-        write_json(os.path.join(out_dir, "results.json"), {"stopped": "interrupted", "epochs_run": len(rows)})
-        raise Stopped(f"interrupted by {signal.Signals(result.signum).name} after {len(rows)} of {args.epochs} epochs; "
-                      f"what was written is kept in {out_dir}; continue with: {resume_hint(out_dir)}", result.signum)
-    if result.stopped:
-        raise UserError(f"{result.stopped}; stopped, what was written is kept in {out_dir} (try a smaller --lr)")
-    train_time = time.time() - start
+    life.end(result, len(rows), args.epochs, keep, hint=" (try a smaller --lr)")
+    train_time = life.elapsed()
 
     metrics = {"attack": args.attack, **{k: rows[-1][k] for k in METRICS if k in rows[-1]}}  # the last epoch's
     if measured is not None:

@@ -6,9 +6,11 @@ import torch
 from helper.defenses.base import Defense, register_defense
 from helper.run.cli import NONNEGATIVE, UNIT, Option, Range
 from helper.run.system import CompiledOrEager, autocast
+from helper.train.diagnostics import asl_states, channel_activity, least_active
 from helper.train.engine import optimizer_step
+from helper.train.evaluate import eval_mode
 from helper.train.features import DEFAULT_LAYERS, FeatureHooks, resolve_layers
-from helper.train.losses import attention_shifting_loss, kd_loss
+from helper.train.losses import attention_shifting_loss, kd_loss, mean_attention_shifting_loss
 from helper.train.schedule import RATIO_TYPES, asd_ratio, loss_weights
 
 
@@ -63,8 +65,7 @@ class Distiller:
     def hooked_asl(self, feats=None):
         """Mean ASL over the hooked layers of ``asl_features()`` (or of the given pair of feature dicts)."""
         t_feats, s_feats = feats or self.asl_features()
-        layers = self.s_hooks.layers
-        return sum(self.asl_fn(t_feats[n], s_feats[n], self.eps) for n in layers) / len(layers)
+        return mean_attention_shifting_loss(t_feats, s_feats, self.eps, self.s_hooks.layers, self.asl_fn)
 
     def step(self, x, kd_weight, asl_weight):
         kd, asl = self.losses(x, with_asl=asl_weight != 0)
@@ -136,12 +137,17 @@ class ASD(Defense):
     def result_fields(cls, args):
         return {"ratio_type": args.ratio_type}
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channels = None      # prepare(): {layer: channels} ASL shifts (--shift dormant), None: all
+        self.distiller = None     # stages(): teacher, student, hooks and the step's loss
+        self.hooked_layers = None  # stages(): the layers ASL compares
+
     def run_meta(self):
-        return {"hooked_layers": getattr(self, "hooked_layers", None)}
+        return {"hooked_layers": self.hooked_layers}
 
     def start_line(self):
-        layers = getattr(self, "hooked_layers", None)
-        return f"hooks on {len(layers)} layers" if layers else ""
+        return f"hooks on {len(self.hooked_layers)} layers" if self.hooked_layers else ""
 
     @classmethod
     def needs_fp32(cls, args):
@@ -182,7 +188,6 @@ class ASD(Defense):
         a, self.channels = self.args, None
         if a.shift != "dormant":
             return {}
-        from helper.train.diagnostics import channel_activity, least_active
         hooked = resolve_layers(self.teacher, [s.strip() for s in a.hook_layers.split(",") if s.strip()])
         self.channels = least_active(channel_activity(self.teacher, self.images, hooked), a.shift_fraction)
         return {"shifted_channels": {n: c.tolist() for n, c in self.channels.items()}}
@@ -191,7 +196,6 @@ class ASD(Defense):
         """The base's dead units, plus on the probe images (eval mode): the shares of ASL's four cases over the
         channels ASL compares (``asl_states``), ASL's value there, and the L2 norms of the gradients of the KD
         loss and of ASL, unweighted (SPEC section 11 asks for both; the epoch's weights are logged beside)."""
-        from helper.train.diagnostics import asl_states, eval_mode
         d = super().diagnostics(model)
         dist, x = self.distiller, self.probe()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -213,7 +217,7 @@ class ASD(Defense):
         return d
 
     def close(self):
-        if hasattr(self, "distiller"):
+        if self.distiller is not None:
             self.distiller.close()
 
 

@@ -12,7 +12,12 @@ reproduce.py know it; docs/adding.md has a whole example). The engine (``helper.
    (schedule values, logged), one pass of ``step(x)`` over the defense images (named loss tensors, no host
    sync; ``kd_loss`` is what selection reads), ``end(epoch, means)``, then evaluation of ``stage.model``.
    Only the last stage's epochs are selected from; an earlier one (NAD's teacher fine-tuning) is logged
-   with its name in the ``stage`` column.
+   with its name in the ``stage`` column;
+5. saves ``state()`` in ``last.pt`` after every epoch (``restore(state)`` on ``--resume``), evaluates and reports
+   ``evaluated_model(model)``, and calls ``close()`` at the end, also after an error.
+
+Every attribute a later method reads exists from ``__init__`` on (None or empty until ``prepare`` or ``stages``
+builds it), so no method probes for another's attribute.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -20,9 +25,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from helper.data.images import to_float
 from helper.run.cli import check_options
 from helper.run.errors import UserError
 from helper.run.system import autocast, use_compile
+from helper.train.diagnostics import dead_units
 from helper.train.engine import optimizer_step
 from helper.train.losses import kd_loss
 from helper.train.schedule import LrDrop, cosine_lr, step_lr
@@ -129,6 +136,7 @@ class Defense:
                             f"and the defenses that train through it, kd, clp, fineprune); leave --lr_drop at auto or off")
         self.lr_drop_enabled = self.applies_lr_drop and (
             args.lr_drop == "on" or (args.lr_drop == "auto" and n_defense >= 50000))
+        self._probe = None  # the probe images, made on first use (``probe``)
 
     def prepare(self, student):
         """Change the student before training; returns a dict for results.json (empty by default)."""
@@ -139,8 +147,7 @@ class Defense:
 
     def probe(self, n=256):
         """The first ``n`` defense images as floats, no augmentation: what ``diagnostics`` looks at."""
-        if getattr(self, "_probe", None) is None:
-            from helper.data.images import to_float
+        if self._probe is None:
             self._probe = to_float(self.images[:n])
         return self._probe
 
@@ -149,7 +156,6 @@ class Defense:
         the stem and every block's bn1) on the probe images; ``{}`` without defense images."""
         if self.images is None:
             return {}
-        from helper.train.diagnostics import dead_units
         return {"dead": dead_units(model, self.probe())}
 
     def state(self):

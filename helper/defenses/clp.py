@@ -78,6 +78,10 @@ class PrunedKD(KD):
     """KD (``--defense kd``) of a student pruned by ``prune(student)``, which sets ``self.hold`` (held during KD)
     and returns the dict for results.json."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = None  # the pruned weights held at 0 (``ZeroHold``), made by prune()
+
     def prepare(self, student):
         return {**super().prepare(student), **self.prune(student)}
 
@@ -87,7 +91,7 @@ class PrunedKD(KD):
         return stages
 
     def close(self):
-        if hasattr(self, "hold"):
+        if self.hold is not None:
             self.hold.remove()
         super().close()
 

@@ -38,6 +38,10 @@ class NAD(Defense):
         Option("--nad_p", 2.0, "attention map A = sum over channels of |F|^p", range=POSITIVE),
     )
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hooks = []  # the student's and NAD teacher's feature hooks, made by stages()
+
     @classmethod
     def check(cls, args):
         super().check(args)
@@ -71,5 +75,6 @@ class NAD(Defense):
                 self.make_stage("", a.epoch, student, optimizer, distill, hooks_on(True))]
 
     def close(self):
-        for h in getattr(self, "hooks", []):
+        for h in self.hooks:
             h.remove()
+        self.hooks = []

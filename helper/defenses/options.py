@@ -5,6 +5,7 @@ import argparse
 from helper.defenses import DEFENSES
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
 from helper.run.cli import TEMPERATURES, add_data_args, add_output_args, add_system_args, eval_every_value
+from helper.run.errors import UserError
 
 AUTO = "auto"  # --defense auto: scan, choose a defense from the verdict, run it, scan the student (helper.jobs.auto)
 
@@ -124,7 +125,6 @@ def defense_parser(argv=None, **defaults):
 def check_args(args):
     """Range checks argparse cannot express, the shared flags' and then the defense's own (``Defense.check``); a
     UserError names the flag."""
-    from helper.run.errors import UserError
     for name in ("batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
         if getattr(args, name, None) not in (None, "auto") and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")

@@ -131,6 +131,12 @@ class Renofeation(Defense):
         if not [s for s in args.reno_layers.split(",") if s.strip()]:
             raise UserError("--reno_layers names no module (default: layer1,layer2,layer3,layer4)")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # built by stages(): the student, its weight average and SWALR, the feature hooks and the dropout hooks
+        self.student = self.swa = self.swa_scheduler = self._optimizer = None
+        self.hooks, self.dropout, self._bn_for, self.start = [], [], -1, None
+
     def swa_start(self):
         """The first averaged epoch; ``--epoch`` (none) with ``--opt_lr 0``, which trains nothing."""
         a = self.args
@@ -209,7 +215,7 @@ class Renofeation(Defense):
     def evaluated_model(self, model):
         """The averaged model (batch-norm statistics recomputed once per new average) for the student once an
         average exists; ``model`` otherwise."""
-        swa = getattr(self, "swa", None)
+        swa = self.swa
         if swa is None or model is not self.student:
             return model
         n = int(swa.n_averaged)
@@ -221,7 +227,7 @@ class Renofeation(Defense):
         return swa.module
 
     def state(self):
-        if getattr(self, "swa", None) is None:
+        if self.swa is None:
             return {}
         state = {"swa": {k: v.detach().cpu() for k, v in self.swa.state_dict().items()}}
         if self.swa_scheduler is not None:
@@ -237,8 +243,8 @@ class Renofeation(Defense):
             self.swa_scheduler.load_state_dict(state["swa_scheduler"])
 
     def close(self):
-        for h in getattr(self, "hooks", []):
+        for h in self.hooks:
             h.remove()
-        for handle in getattr(self, "dropout", []):
+        for handle in self.dropout:
             handle.remove()
-        self.dropout = []
+        self.hooks, self.dropout = [], []

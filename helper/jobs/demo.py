@@ -80,9 +80,10 @@ def _distill_argv(args, teacher_dir, out_dir, flags, d):
 
 def format_table(rows):
     """Rows of (name, metrics dict) as a fixed-width table of Acc, ASR and ASR non-target."""
-    lines = [f"{'model':<18}{'Acc':>8}{'ASR':>8}{'ASR non-target':>16}"]
+    width = max([18] + [len(name) + 1 for name, _ in rows])
+    lines = [f"{'model':<{width}}{'Acc':>8}{'ASR':>8}{'ASR non-target':>16}"]
     for name, m in rows:
-        lines.append(f"{name:<18}{m['acc']:>8.4f}{m['asr']:>8.4f}{m['asr_nontarget']:>16.4f}")
+        lines.append(f"{name:<{width}}{m['acc']:>8.4f}{m['asr']:>8.4f}{m['asr_nontarget']:>16.4f}")
     return "\n".join(lines)
 
 

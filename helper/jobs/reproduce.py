@@ -2,18 +2,31 @@
 seeds on one teacher or on each teacher of ``--attacks``, launching (``helper.jobs.grid``) and the tables.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
+import shlex
+from statistics import fmean
 
+import torch
+
+from helper.attacks import ATTACKS
+from helper.attacks.options import attack_parser, check_attack_args
+from helper.data.teacher_dir import has_trigger, teacher_attack
+from helper.defenses import DEFENSES
+from helper.defenses.options import defense_parser
+from helper.jobs import grid as G
+from helper.jobs.grid import PRESETS
+from helper.report.table import cell_summary, summary, summary_markdown, write_summary, write_table
+from helper.run.cli import eval_every_value
 from helper.run.errors import UserError, exits_cleanly
+from helper.run.resume import differing_flags
+from helper.run.runlog import make_run_dir, read_jsonl
 
 
 def get_parser():
-    from helper.attacks import ATTACKS
-    from helper.defenses import DEFENSES
-    from helper.jobs.grid import PRESETS
-    from helper.run.cli import eval_every_value
     p = argparse.ArgumentParser(description="Run a grid of defenses x defense-set sizes x seeds on one teacher (or on "
                                             "each teacher of --attacks) and write the paper's table; unknown flags go "
                                             "to every distri.py run",
@@ -44,7 +57,7 @@ def get_parser():
     g.add_argument("--attacks", nargs="+", default=None, metavar="SPEC",
                    help="run the grid on each of these teachers: a teacher folder (with checkpoint.pkl; LABEL=FOLDER "
                         "names its column, otherwise its results.json's attack or the folder's name), or an attack "
-                        f"name among {', '.join(ATTACKS)}, trained first with adba.py --attack NAME --attack_flags "
+                        f"name among {', '.join(sorted(ATTACKS))}, trained first with adba.py --attack NAME --attack_flags "
                         "into OUT/teachers/NAME (skipped once finished, resumed if interrupted; a folder named like an "
                         "attack: ./NAME). Each teacher's runs and tables go to OUT/LABEL/, the summary over teachers "
                         "to OUT/summary.md and summary.json. A teacher without a trigger (none) is measured with the "
@@ -72,10 +85,7 @@ def get_parser():
 
 def parse_arm(text, sizes):
     """``--arm 'LABEL DEFENSE [FLAG ...]'`` -> one grid cell ``(defense, n, label, flags)`` per size."""
-    import re
-    import shlex
 
-    from helper.defenses import DEFENSES
     parts = shlex.split(text)
     if len(parts) < 2 or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", parts[0]) or parts[1] not in DEFENSES:
         raise UserError(f"--arm {text!r}: expected 'LABEL DEFENSE [FLAG ...]' with a label of letters, digits, "
@@ -90,7 +100,6 @@ RESERVED = ("teachers", "logs", "submitit")  # folders of OUT itself in a grid o
 def grid_cells(args, preset):
     """The grid's cells (``helper.jobs.grid.arm``): the preset's, narrowed or widened by --defenses and --sizes, with
     --arm's arms, and only --only's labels in their order."""
-    from helper.jobs import grid as G
     cells = preset["cells"]
     if args.defenses or args.sizes:  # narrow or widen: every requested defense (and arm of one) at every size
         arms = [G.arm(c) for c in cells]
@@ -117,8 +126,6 @@ def attack_specs(specs):
 
     A folder's label is LABEL of ``LABEL=FOLDER``; else its attack's name when no other SPEC claims that name, else
     the folder's own name. A bad SPEC or two teachers with one label is a UserError."""
-    from helper.attacks import ATTACKS
-    from helper.data.teacher_dir import has_trigger, teacher_attack
     found = []
     for spec in specs:
         named = re.fullmatch(rf"({LABEL})=(.+)", spec)
@@ -127,7 +134,7 @@ def attack_specs(specs):
             found.append({"label": spec, "attack": spec, "folder": None, "has_trigger": spec != "none", "spec": spec})
             continue
         if not os.path.isdir(path):
-            raise UserError(f"--attacks {spec}: neither an attack name ({', '.join(ATTACKS)}) nor a teacher folder")
+            raise UserError(f"--attacks {spec}: neither an attack name ({', '.join(sorted(ATTACKS))}) nor a teacher folder")
         if not os.path.isfile(os.path.join(path, "checkpoint.pkl")):
             raise UserError(f"--attacks {spec}: no checkpoint.pkl in {path} (a teacher folder as adba.py writes it)")
         found.append({"label": label, "attack": teacher_attack(path), "folder": path, "has_trigger": has_trigger(path),
@@ -152,11 +159,7 @@ def attack_specs(specs):
 def attack_flags(text, attacks):
     """--attack_flags as a list, checked by adba.py's parser and range checks for each attack to train (one
     UserError naming the flag, before anything runs)."""
-    import contextlib
-    import io
-    import shlex
 
-    from helper.attacks.options import attack_parser, check_attack_args
     try:
         flags = shlex.split(text)
     except ValueError as e:
@@ -182,8 +185,6 @@ def attack_flags(text, attacks):
 def teacher_changes(folder, attack, flags):
     """The flags a teacher folder's args.json has otherwise than adba.py --attack ATTACK FLAGS would
     (``helper.run.resume.differing_flags``); [] for a folder without args.json."""
-    from helper.attacks.options import attack_parser
-    from helper.run.resume import differing_flags
     try:
         with open(os.path.join(folder, "args.json")) as f:
             saved = json.load(f)
@@ -197,8 +198,6 @@ def teacher_changes(folder, attack, flags):
 def tabulate(cells, runs, out_dir, title="Acc against ASR", paper=True, traces=()):
     """The tables of one teacher's grid in ``out_dir`` (``helper.report.table.write_table``) from its finished runs:
     ``(table.json entries, the runs' results)``; nothing written when no run finished."""
-    from helper.jobs import grid as G
-    from helper.report.table import cell_summary, write_table
     finished = [r for r in runs if r.state() == "finished"]
     entries, points = [], []
     for cell in cells:
@@ -206,14 +205,15 @@ def tabulate(cells, runs, out_dir, title="Acc against ASR", paper=True, traces=(
         folders = [r.folder for r in finished if (r.cell, r.n_defense) == (f"{label}-n{n}", n)]
         if folders:
             try:
-                entries.append({**cell_summary(defense, n, folders, out_dir), "arm": label, "flags": list(G.arm(cell)[3])})
+                summary_of = cell_summary(defense, n, folders, out_dir)
+                summary_of.setdefault("label", DEFENSES[defense].label)  # runs from before results.json named it
+                entries.append({**summary_of, "arm": label, "flags": list(G.arm(cell)[3])})
             except ValueError as e:
                 raise UserError(str(e)) from None
             for f in folders:
                 with open(os.path.join(f, "results.json")) as fh:
                     result = json.load(fh)
                 if label in traces:  # the run's evaluated (ASR, Acc) path, drawn as a line
-                    from helper.run.runlog import read_jsonl
                     result["path"] = [(r["asr"], r["acc"]) for r in read_jsonl(os.path.join(f, "log.jsonl"))
                                       if "stage" not in r and r.get("acc") is not None]
                 points.append((label, n, result))
@@ -224,7 +224,6 @@ def tabulate(cells, runs, out_dir, title="Acc against ASR", paper=True, traces=(
 
 def launch(todo, out_dir, args, gpus, desc="grid"):
     """Run ``todo`` (grid runs or teachers) with --launcher; returns the failed ones."""
-    from helper.jobs import grid as G
     if not todo or args.table_only:
         return []
     if args.launcher == "local":
@@ -242,9 +241,6 @@ def failed(failures, logs, what="runs"):
 def check_precision(cells, common):
     """Refuse, before any run starts, a grid whose flags ask for bf16 where a cell computes ASL (its runs would each
     stop on the same line, ``helper.jobs.distill.run``): one line naming those cells."""
-    from helper.defenses import DEFENSES
-    from helper.defenses.options import defense_parser
-    from helper.jobs import grid as G
     bad = []
     for cell in cells:
         label, defense, _, own = G.arm(cell)
@@ -260,10 +256,7 @@ def check_precision(cells, common):
 @exits_cleanly
 def main(argv=None):
     args, passthrough = get_parser().parse_known_args(argv)
-    import torch
 
-    from helper.jobs import grid as G
-    from helper.run.runlog import make_run_dir
 
     if args.eval_every != "auto" and args.eval_every < 1:
         raise UserError(f"--eval_every must be at least 1 (or auto), not {args.eval_every}")
@@ -314,10 +307,7 @@ def over_attacks(args, teachers, flags, cells, seeds, epochs, common, out_dir, g
     """The grid on each teacher of --attacks: train the named ones (OUT/teachers/NAME), then every teacher's runs
     in one pool (OUT/LABEL/...), its tables in OUT/LABEL, and the summary over teachers in OUT. Returns the
     summary (``helper.report.table.summary``)."""
-    from statistics import fmean
 
-    from helper.jobs import grid as G
-    from helper.report.table import summary, summary_markdown, write_summary
 
     training = []
     for t in teachers:

@@ -24,8 +24,14 @@ import time
 import torch
 
 from helper.data.images import to_float
+from helper.data.teacher_dir import has_trigger, load_trigger
+from helper.data.trigger import apply_trigger
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args, check_inversion, inversion_kw, threshold_of
+from helper.jobs.distill import load_data
+from helper.report.plot import plot_scan
+from helper.run.checkpoint import load_model
 from helper.run.cli import add_data_args, add_output_args, add_system_args
+from helper.run.errors import UserError
 from helper.run.runlog import atomic_torch_save, make_run_dir, write_json
 from helper.run.system import run_environment, setup
 from helper.train.evaluate import eval_mode
@@ -121,9 +127,6 @@ def perturbation(fam, params, x):
 def run_scan(args, out=print, checkpoint="checkpoint.pkl"):
     """The scan of ``args.read_dir``'s ``checkpoint`` into a new folder; returns the results written to scan.json."""
     device, amp, _ = setup(args)
-    from helper.jobs.distill import load_data
-    from helper.run.checkpoint import load_model
-    from helper.run.errors import UserError
     check_inversion(args)
     if not args.read_dir or not os.path.isdir(args.read_dir):
         raise UserError(f"read_dir not found: {args.read_dir!r} (pass --read_dir DIR, a teacher folder)")
@@ -154,7 +157,6 @@ def run_scan(args, out=print, checkpoint="checkpoint.pkl"):
         write_json(os.path.join(out_dir, "scan.json"), results)
         out("evaluation (the folder's own trigger, not used above): cosine to the true perturbation "
             + ", ".join(f"{n} (class {truth[n]['class']}) {truth[n]['cosine']:.3f}" for n in found))
-    from helper.report.plot import plot_scan
     plot_scan(os.path.join(out_dir, "scan.png"), {n: [fam_trigger(family(n, args), f.params) for f in found[n]]
                                                   for n in found}, summaries, target, true_trigger)
     out(f"written to {out_dir}")
@@ -171,8 +173,6 @@ def evaluate_against_trigger(args, found, target, images):
     """Evaluation only, after the verdict: when the folder holds a trigger, (the cosine similarity of the mean
     perturbation of each family's inverted trigger for the named class to the true trigger's, with the true
     trigger's sizes; the true ``p * m`` to draw); else (None, None)."""
-    from helper.data.teacher_dir import has_trigger, load_trigger
-    from helper.data.trigger import apply_trigger
     if not has_trigger(args.read_dir):
         return None, None
     pattern, mask = (t.to(images.device) for t in load_trigger(args.read_dir))

@@ -9,6 +9,8 @@ import os
 import statistics
 import sys
 
+from helper.run.runlog import read_jsonl
+
 METRICS = ("acc", "asr", "asr_nontarget", "ra")
 # summarised too where every run has them: the ASR over a run's last 10 evaluations, the re-tuning test's numbers
 OPTIONAL = ("asr_last10_mean", "retune_acc", "retune_asr", "retune_asr_nontarget", "retune_ra")
@@ -58,7 +60,6 @@ def load_results(folders):
         if not isinstance(r, dict):
             raise ValueError(f"{path} holds no results object")
         if "asr_last10_mean" not in r and os.path.isfile(os.path.join(folder, "log.jsonl")):  # runs before the key
-            from helper.run.runlog import read_jsonl
             r["asr_last10_mean"] = asr_last10([row for row in read_jsonl(os.path.join(folder, "log.jsonl"))
                                                if "stage" not in row])
         if r.get("stopped"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from helper.data.images import to_float
 from helper.data.trigger import TRIGGER_PIXEL, apply_trigger
+from helper.report.plot import plot_attention
 from helper.run.runlog import write_json
 from helper.train.evaluate import eval_mode
 from helper.train.features import FeatureHooks
@@ -169,7 +170,6 @@ def write_run_attention(out_dir, teacher, student, state, split, pattern, mask, 
     student as it is). ``split`` is the teacher's test set. Skipped with one line when a model has no
     ``layer1`` .. ``layer4``, or when drawing fails (a figure never costs a run its results).
     """
-    from helper.report.plot import plot_attention
 
     if not (has_groups(teacher) and has_groups(student)):
         out("attention maps skipped: the models have no residual groups layer1..layer4")

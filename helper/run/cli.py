@@ -7,6 +7,8 @@ Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_
 import argparse
 from dataclasses import dataclass
 
+from helper.run.errors import UserError
+
 TEMPERATURES = (0.05, 1000.0)  # KD temperatures a run accepts
 
 
@@ -182,7 +184,6 @@ class Option:
 def check_options(options, args):
     """A UserError naming the first flag of ``options`` whose value in ``args`` (each value of a list) is outside its
     range."""
-    from helper.run.errors import UserError
     for o in options:
         value = getattr(args, o.dest, None)
         bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None and v not in o.range] \

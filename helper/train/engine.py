@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from helper.data.images import augmented_batches
 from helper.run import interrupt
 from helper.run.runlog import append_jsonl
 
@@ -53,7 +54,6 @@ def run_epoch(step, batches):
 def image_epoch(step, images, batch_size, generator, memory_format, progress=True):
     """``run_epoch`` over one augmented pass of unlabelled uint8 ``images`` (``data.augmented_batches``):
     ``step(x)`` per batch."""
-    from helper.data.images import augmented_batches
     return run_epoch(step, (((x,), len(idx)) for x, idx in
                             augmented_batches(images, batch_size, generator, memory_format, progress)))
 

@@ -171,10 +171,11 @@ def kd_loss(student_logits, teacher_logits, temperature, reduction="mean"):
     return per_sample.mean() / student_logits.shape[1] if reduction == "mean" else per_sample.mean()
 
 
-def mean_attention_shifting_loss(teacher_feats, student_feats, eps=0.1):
-    """``(1/|L|) * sum over hooked layers of ASL_l`` (SPEC section 4): dicts keyed by layer name."""
-    losses = [attention_shifting_loss(teacher_feats[name], student_feats[name], eps) for name in student_feats]
-    return torch.stack(losses).mean()
+def mean_attention_shifting_loss(teacher_feats, student_feats, eps=0.1, layers=None, asl=attention_shifting_loss):
+    """``(1/|L|) * sum over hooked layers of ASL_l`` (SPEC section 4): dicts keyed by layer name, over ``layers``
+    (default: the student's keys, in order); ``asl`` computes one layer's (ASD passes its compiled kernel)."""
+    layers = list(student_feats) if layers is None else layers
+    return sum(asl(teacher_feats[n], student_feats[n], eps) for n in layers) / len(layers)
 
 
 def kd_per_sample(student_logits, teacher_logits, temperature):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from helper.run.checkpoint import safe_load
+from helper.run.errors import UserError
+
 MAD_CONSISTENCY = 1.4826  # MAD of a normal sample x this = its standard deviation (Neural Cleanse)
 
 
@@ -327,8 +330,6 @@ INVERTED = "inverted.pt"  # scan.py's inverted triggers: {family: [per class: it
 def load_inverted(folder, family, target):
     """The parameters of the trigger of ``family`` that ``scan.py`` inverted towards class ``target``, from its
     folder's ``inverted.pt`` (read weights-only); a missing or foreign file is one UserError naming it."""
-    from helper.run.checkpoint import safe_load
-    from helper.run.errors import UserError
     path = os.path.join(folder, INVERTED)
     found = safe_load(path, "scan.py's inverted triggers")
     if not isinstance(found, dict) or not isinstance(found.get(family), list) or not 0 <= target < len(found[family]):

@@ -157,7 +157,7 @@ def test_every_arm_of_the_study_runs_and_logs_its_diagnostics(teacher_dir, tmp_p
 
 
 def test_the_diagnostics_table_of_a_run(teacher_dir, tmp_path, capsys):
-    from helper.train import diagnostics
+    from helper.report import diagnostics
     out = tmp_path / "run"
     distri.main(fast_flags(teacher_dir, out, epochs=2) + ["--no_progress", "--shift_epochs", "1"])
     rows = read_jsonl(os.path.join(out, "log.jsonl"))

@@ -184,7 +184,8 @@ def test_an_interrupted_teacher_is_resumed_with_the_same_flags_only(attack_grid,
 
 def test_the_summary_says_so_when_runs_had_no_retune():
     from helper.report.table import summary, summary_markdown
-    entry = {"defense": "kd", "arm": "kd", "n_defense": 5000, "n_runs": 3, "n_kept": 1, "acc": 0.5, "asr": 0.25}
+    entry = {"defense": "kd", "arm": "kd", "label": "KD", "n_defense": 5000, "n_runs": 3, "n_kept": 1, "acc": 0.5,
+             "asr": 0.25}
     attacks = [{"label": "a", "attack": "adba", "teacher": "t", "trigger_dir": None, "teacher_acc": 0.6,
                 "teacher_asr": 1.0, "n_runs": 3},
                {"label": "b", "attack": "badnets", "teacher": "u", "trigger_dir": None, "teacher_acc": None,

@@ -126,8 +126,8 @@ def test_scan_refuses_a_missing_folder(tmp_path, capsys):
     assert not (tmp_path / "scan").exists()
 
 
-@pytest.mark.parametrize("flag,value,said", [("--nc_images", "0", "--nc_images must be at least 1"),
-                                             ("--nc_threshold", "-1", "--nc_threshold must be above 1"),
+@pytest.mark.parametrize("flag,value,said", [("--nc_images", "0", "--nc_images must be >= 1, not 0"),
+                                             ("--nc_threshold", "-1", "--nc_threshold must be > 0, not -1.0"),
                                              ("--nc_threshold", "1", "--nc_threshold must be above 1"),
                                              ("--nc_success", "1.5", "--nc_success must be in (0, 1]"),
                                              ("--nc_stop", "-2", "--nc_stop must be >= 0")])
