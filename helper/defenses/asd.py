@@ -226,4 +226,6 @@ class KD(ASD):
     name = "kd"
     label = "KD"
     help = "plain knowledge distillation: ASD's engine with --ratio_type fix (1 x KD + 0 x ASL)"
-    defaults = {"ratio_type": "fix"}
+    # none of ASD's flags: they shape ASL, which KD weighs 0; their values are fixed at ASD's defaults
+    options = ()
+    defaults = {**{o.dest: o.default for o in ASD.options}, "ratio_type": "fix"}

@@ -101,11 +101,11 @@ class CLP(PrunedKD):
     name = "clp"
     label = "CLP"
     help = ("CLP: zero the channels whose Lipschitz upper bound is an outlier of their layer (data-free), then KD "
-            "with them kept at 0 (the KD flags of --defense kd apply)")
+            "with them kept at 0")
     defaults = dict(KD.defaults)
 
     options = (Option("--clp_u", 3.0, "a channel is pruned when its Lipschitz upper bound > mean + u * std of its "
-                      "layer's"),) + KD.options  # its own flags first, then --defense kd's
+                      "layer's"),)
 
     def prune(self, student):
         masks = clp_masks(student, self.args.clp_u)

@@ -73,7 +73,7 @@ class FinePrune(PrunedKD):
     name = "fineprune"
     label = "Fine-Pruning"
     help = ("Fine-Pruning: mask the least active channels of the last group while the student agrees with the "
-            "teacher on the defense images, then KD with the mask kept (the KD flags of --defense kd apply)")
+            "teacher on the defense images, then KD with the mask kept")
     defaults = {**KD.defaults, "opt_lr": 0.01, "weight_decay": 5e-4, "lr_schedule": "cosine", "epoch": 100,
                 "batch_size": 256, "lr_drop": "off"}
 
@@ -83,7 +83,7 @@ class FinePrune(PrunedKD):
         Option("--fp_step", 0.01, "share of the channels pruned per step (>= 1 channel)", range=Range(0, 1, low_open=True)),
         Option("--fp_max_drop", 0.1, "stop before the step whose agreement with the teacher's labels on the defense "
                "images is more than this below the unpruned student's", range=UNIT),
-    ) + KD.options  # its own flags first, then --defense kd's
+    )
 
     def prune(self, student):
         a, images = self.args, self.images

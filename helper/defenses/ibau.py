@@ -30,6 +30,11 @@ ADBA teachers (docs/experiments.md, "ibau's batch norm"): ``eval`` collapses the
 replaced by this alternation: a hypergradient costs K more backward passes per step, and ABD's port showed that
 the alternation is what KD affords every step; measured in bench.py (docs/defenses.md).
 
+``--adv_mask_every N`` (with ``--adv_target c``) adds the other family of the scan: Neural Cleanse's smallest
+mask-and-pattern trigger of ``c`` (``x (1 - m) + p m``), inverted on the teacher before training and on the student
+every ``N`` epochs (warm-started), stamped on ``--adv_mask_share`` of every clean batch, whose KD target stays the
+teacher's answer on the clean image (``--defense nc``'s unlearning, beside the universal delta).
+
 Defaults: SGD 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128 (the fine-tuning recipe that kept
 the student's accuracy in docs/experiments.md); I-BAU's own outer optimiser (Adam 1e-3) drove
 ABD's student off on the same setup. ``--ibau_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
@@ -41,12 +46,15 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from helper.data.images import to_float
 from helper.defenses.base import FINE_TUNING, Defense, register_defense
+from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, stamp_share
 from helper.run.cli import AT_LEAST_ONE, NONNEGATIVE, POSITIVE, UNIT, Option
 from helper.run.errors import UserError
 from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
-from helper.train.perturb import (ascent_step, effect, input_grad, l2_norms, load_inverted, project, random_direction,
+from helper.train.perturb import (MaskPattern, ascent_step, effect, input_grad, l2_norms, load_inverted, minimal_trigger,
+                                  project, random_direction,
                                   soft_kl, stamp)
 
 
@@ -130,6 +138,12 @@ class IBAU(Defense):
                "model's log-probability of c on x + delta instead of a divergence, every ascent step apart from the "
                "student's backward; the student's term still keeps the teacher's clean answer", type=int,
                range=NONNEGATIVE),
+        Option("--adv_mask_every", 0, "with --adv_target c: also unlearn Neural Cleanse's mask-and-pattern trigger of "
+               "c (x (1 - m) + p m), inverted on the teacher before training (on the first 100 defense images) and "
+               "again on the student every this many epochs, stamped on --adv_mask_share of every clean batch whose KD "
+               "target stays the teacher's answer on the clean image (0: off)", type=int, range=NONNEGATIVE),
+        Option("--adv_mask_share", 0.2, "with --adv_mask_every: the share of every batch that carries the inverted "
+               "mask trigger", range=UNIT),
     )
 
     @classmethod
@@ -137,6 +151,22 @@ class IBAU(Defense):
         super().check(args)
         if args.adv_start is not None and args.adv_target is None:
             raise UserError("--adv_start needs --adv_target: the class whose inverted trigger delta starts from")
+        if args.adv_mask_every and args.adv_target is None:
+            raise UserError("--adv_mask_every needs --adv_target: the class whose mask trigger is inverted")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delta, self.steps = None, 0  # stages(): the universal perturbation and the steps taken
+        # --adv_mask_every: the mask-and-pattern family, its images and the current trigger's parameters
+        self.family, self.mask_images, self.mask_params = MaskPattern(), None, None
+
+    def invert_mask(self, model, params=None):
+        """The parameters of the smallest mask-and-pattern trigger sending 90% of the mask images to --adv_target on
+        ``model`` (eval mode), warm-started from ``params``."""
+        with eval_mode(model):
+            return minimal_trigger(lambda z: self.logits(model, z, input_grad=model is self.teacher), self.mask_images,
+                                   self.args.adv_target, self.family, batch_size=SCAN_BATCH, success=0.9,
+                                   generator=torch.Generator().manual_seed(self.args.seed + 11), params=params).params
 
     def stages(self, student):
         a = self.args
@@ -149,7 +179,18 @@ class IBAU(Defense):
             self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.ibau_radius,
                                           torch.Generator().manual_seed(a.seed + 7), self.device)
         self.steps = 0  # training steps taken: delta climbs on every --adv_every-th
+        if a.adv_mask_every:
+            self.mask_images = to_float(self.images[:SCAN_IMAGES])
+            self.mask_params = self.invert_mask(self.teacher)
         optimizer = self.optimizer(student.parameters())
+
+        def begin(epoch):
+            if a.adv_mask_every and epoch and epoch % a.adv_mask_every == 0:
+                self.mask_params = self.invert_mask(student, self.mask_params)
+            return {}
+
+        def clean(x):  # the clean batch the student's KD term sees: a share stamped with the mask trigger
+            return stamp_share(x, a.adv_mask_share, self.family, self.mask_params) if a.adv_mask_every else x
         fused = a.adv_search == "student" and a.adv_target is None
         perturbed_mode = PERTURBED_BN["eval" if a.adv_bn == "shared" else a.adv_bn]
 
@@ -178,12 +219,12 @@ class IBAU(Defense):
             if a.adv_bn == "shared":  # one train-mode batch of clean and perturbed images (before issue 29)
                 climb(x, t, times)
                 d = self.delta.detach().requires_grad_(ride)
-                both = self.logits(student, torch.cat([x, stamp(x, d)]))
+                both = self.logits(student, torch.cat([clean(x), stamp(x, d)]))
                 s, s_pert = both[:len(x)], both[len(x):]
             else:
                 # the clean batch first: its train-mode forward updates the running statistics, so every ascent step
                 # after it and the perturbed pass (whose backward reads those statistics) see one and the same student
-                s = self.logits(student, x)
+                s = self.logits(student, clean(x))
                 climb(x, t, times)
                 d = self.delta.detach().requires_grad_(ride)
                 with perturbed_mode(student):
@@ -194,15 +235,18 @@ class IBAU(Defense):
             if ride:  # the student's backward gave delta's gradient too: its last ascent step
                 self.delta = project(ascent_step(self.delta, d.grad, a.ibau_lr), a.ibau_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}
-        return [self.make_stage("", a.epoch, student, optimizer, step)]
+        return [self.make_stage("", a.epoch, student, optimizer, step, begin)]
 
     def state(self):
-        return {"delta": self.delta.detach().cpu(), "steps": self.steps}
+        return {"delta": self.delta.detach().cpu(), "steps": self.steps,
+                **({"mask": [p.detach().cpu() for p in self.mask_params]} if self.mask_params is not None else {})}
 
     def restore(self, state):
         if "delta" in state:
             self.delta = state["delta"].to(self.device)
         self.steps = int(state.get("steps", 0))
+        if "mask" in state:
+            self.mask_params = [p.to(self.device) for p in state["mask"]]
 
     def diagnostics(self, model):
         """The base's dead units, and what delta does on the probe images to the teacher and the student

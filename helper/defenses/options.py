@@ -4,7 +4,8 @@ import argparse
 
 from helper.defenses import DEFENSES
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
-from helper.run.cli import TEMPERATURES, add_data_args, add_output_args, add_system_args, eval_every_value
+from helper.run.cli import (AT_LEAST_ONE, NONNEGATIVE, POSITIVE, TEMPERATURES, Option, Range, add_data_args, add_output_args,
+                            add_system_args, check_options, eval_every_value)
 from helper.run.errors import UserError
 
 AUTO = "auto"  # --defense auto: scan, choose a defense from the verdict, run it, scan the student (helper.jobs.auto)
@@ -22,6 +23,67 @@ def description():
             f"and the field's baselines (--defense {others}); --defense auto scans the teacher and chooses")
 
 
+# The shared flags of a defense run, declared once with their ranges (``check_args`` checks them before any folder)
+MODEL = (
+    Option("--width", None, "ResNet18 base width (64 is the standard model); default: read from the checkpoint",
+           type=int, range=AT_LEAST_ONE),
+    Option("--using_checkpoint", 1, "1: the student starts from the teacher's weights; 0: from fresh weights", type=int,
+           choices=(0, 1)),
+)
+DISTILLATION = (
+    Option("--temperature", 40.0, "KD temperature T (of the selection quantity kd_loss, and of the defense's KD term)",
+           range=Range(*TEMPERATURES)),
+    Option("--kd_reduction", "mean", "mean: KL / (batch x classes), the public code's scale the lr and the 1.0 "
+           "threshold were tuned on; batchmean: the textbook per-sample KL", type=str, choices=("mean", "batchmean")),
+    Option("--eval_every", 1, "evaluate on the test set every N epochs and at the last (selection reads the KD loss of "
+           "every epoch; the selected state is evaluated in full at the end if its epoch was skipped); auto: 1 on "
+           "CUDA, 5 on the CPU, decided by the run on its own device (reproduce.py's default)", type=eval_every_value,
+           metavar="N|auto"),
+    Option("--select_from", 50, "the result is taken at the epoch >= this with the lowest mean KD loss (over all "
+           "epochs when the run is shorter)", type=int),
+)
+OPTIMISATION = (
+    Option("--opt_type", "SGD", "optimiser", type=str, choices=("SGD", "Adam")),
+    Option("--opt_lr", 1e-3, "learning rate (the loss multiplier of 10/20 in scheduler mode acts on top of it under "
+           "SGD)", range=NONNEGATIVE),
+    Option("--opt_mo", 0.9, "SGD momentum", range=NONNEGATIVE),
+    Option("--weight_decay", 0.0, "weight decay of the optimiser", range=NONNEGATIVE),
+    Option("--batch_size", 128, "defense images per step", type=int, range=AT_LEAST_ONE),
+    Option("--epoch", 300, "training epochs (of the defense's last stage); 0: no training, the prepared student is the "
+           "result", type=int, range=NONNEGATIVE, aliases=("--epochs",)),
+    Option("--opt_nesterov", 0, "1: Nesterov momentum (SGD)", type=int, choices=(0, 1)),
+    Option("--lr_schedule", "none", "none: constant lr (the --lr_drop rule aside); cosine: annealed to 0 over "
+           "--lr_period epochs; step: times --lr_gamma at each of --lr_milestones", type=str,
+           choices=("none", "cosine", "step")),
+    Option("--lr_period", None, "cosine: T_max in epochs (default: the run's --epoch; BCU's code: 100 whatever the "
+           "run's length)", type=int, range=AT_LEAST_ONE),
+    Option("--lr_milestones", (150, 300, 600), "step: the epochs at which the lr is multiplied by --lr_gamma (ABD's "
+           "code)", type=int, nargs="+"),
+    Option("--lr_gamma", 0.5, "step: the factor at each milestone", range=NONNEGATIVE),
+    Option("--lr_drop", "auto", "drop the lr to --lr_drop_to at the first epoch whose mean KD loss is at or below "
+           "--lr_drop_kd after one above it or, for ASD, after its shift phase; auto = on for 50,000+ images; only asd "
+           "(and kd, clp, fineprune, which train through it) has the drop: on is refused for the others", type=str,
+           choices=("auto", "on", "off")),
+    Option("--lr_drop_kd", 1.0, "KD-loss threshold of the lr drop", range=POSITIVE),
+    Option("--lr_drop_to", 1e-4, "learning rate after the drop", range=NONNEGATIVE),
+)
+RETUNING = (  # checked only with --retune
+    Option("--retune_images", 1000, "labelled images of --dataset's training split (a seeded subset: --seed) it "
+           "fine-tunes on", type=int, range=AT_LEAST_ONE),
+    Option("--retune_poison", 5, "of those, how many non-target images carry the trigger and the target label",
+           type=int, range=NONNEGATIVE),
+    Option("--retune_epochs", 5, "epochs of the re-tuning (cross-entropy, crop+flip)", type=int, range=AT_LEAST_ONE),
+    Option("--retune_lr", 0.01, "SGD learning rate of the re-tuning", range=POSITIVE),
+    Option("--retune_momentum", 0.9, "SGD momentum of the re-tuning", range=NONNEGATIVE),
+    Option("--retune_batch", 128, "batch size of the re-tuning", type=int, range=AT_LEAST_ONE),
+)
+
+
+def add_options(group, options):
+    for option in options:
+        option.add_to(group)
+
+
 def get_args_parser(add_help=True, defense="asd"):
     """The parser of distri.py with ``defense``'s own group; its defaults are the parser's until ``defense_parser``."""
     p = argparse.ArgumentParser(
@@ -29,52 +91,13 @@ def get_args_parser(add_help=True, defense="asd"):
 
     add_data_args(p)
 
-    g = p.add_argument_group("Model")
-    g.add_argument("--width", type=int, default=None,
-                   help="ResNet18 base width (64 is the standard model); default: read from the checkpoint")
-    g.add_argument("--using_checkpoint", type=int, default=1, choices=[0, 1],
-                   help="1: the student starts from the teacher's weights; 0: from fresh weights")
-
+    add_options(p.add_argument_group("Model"), MODEL)
     g = p.add_argument_group("Distillation")
     g.add_argument("--defense", default=defense, choices=choices(),
                    help="the defense to run; its own flags are listed in its group below (see --defense NAME --help); "
                         "auto: scan the teacher (no trigger read), run the defense its verdict calls for, scan the student")
-    g.add_argument("--temperature", type=float, default=40.0,
-                   help="KD temperature T (of the selection quantity kd_loss, and of the defense's KD term)")
-    g.add_argument("--kd_reduction", default="mean", choices=["mean", "batchmean"],
-                   help="mean: KL / (batch x classes), the public code's scale the lr and the 1.0 threshold "
-                        "were tuned on; batchmean: the textbook per-sample KL")
-    g.add_argument("--eval_every", type=eval_every_value, default=1, metavar="N|auto",
-                   help="evaluate on the test set every N epochs and at the last (selection reads the KD loss of "
-                        "every epoch; the selected state is evaluated in full at the end if its epoch was skipped); "
-                        "auto: 1 on CUDA, 5 on the CPU, decided by the run on its own device (reproduce.py's default)")
-    g.add_argument("--select_from", type=int, default=50,
-                   help="the result is taken at the epoch >= this with the lowest mean KD loss "
-                        "(over all epochs when the run is shorter)")
-
-    g = p.add_argument_group("Optimisation")
-    g.add_argument("--opt_type", default="SGD", choices=["SGD", "Adam"], help="optimiser")
-    g.add_argument("--opt_lr", type=float, default=1e-3, help="learning rate (the loss multiplier of 10/20 "
-                                                              "in scheduler mode acts on top of it under SGD)")
-    g.add_argument("--opt_mo", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the optimiser")
-    g.add_argument("--batch_size", type=int, default=128, help="defense images per step")
-    g.add_argument("--epoch", "--epochs", type=int, default=300, help="training epochs (of the defense's last stage)")
-    g.add_argument("--opt_nesterov", type=int, default=0, choices=[0, 1], help="1: Nesterov momentum (SGD)")
-    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine", "step"],
-                   help="none: constant lr (the --lr_drop rule aside); cosine: annealed to 0 over --lr_period epochs; "
-                        "step: times --lr_gamma at each of --lr_milestones")
-    g.add_argument("--lr_period", type=int, default=None,
-                   help="cosine: T_max in epochs (default: the run's --epoch; BCU's code: 100 whatever the run's length)")
-    g.add_argument("--lr_milestones", type=int, nargs="+", default=[150, 300, 600],
-                   help="step: the epochs at which the lr is multiplied by --lr_gamma (ABD's code)")
-    g.add_argument("--lr_gamma", type=float, default=0.5, help="step: the factor at each milestone")
-    g.add_argument("--lr_drop", default="auto", choices=["auto", "on", "off"],
-                   help="drop the lr to --lr_drop_to at the first epoch whose mean KD loss is at or below --lr_drop_kd "
-                        "after one above it or, for ASD, after its shift phase; auto = on for 50,000+ images; only asd (and kd, "
-                        "clp, fineprune, which train through it) has the drop: on is refused for the others")
-    g.add_argument("--lr_drop_kd", type=float, default=1.0, help="KD-loss threshold of the lr drop")
-    g.add_argument("--lr_drop_to", type=float, default=1e-4, help="learning rate after the drop")
+    add_options(g, DISTILLATION)
+    add_options(p.add_argument_group("Optimisation"), OPTIMISATION)
 
     if defense == AUTO:
         add_inversion_args(p.add_argument_group(
@@ -90,14 +113,7 @@ def get_args_parser(add_help=True, defense="asd"):
     g.add_argument("--retune", action="store_true",
                    help="run the re-tuning attack on a copy of the selected student (selected.pkl is kept as "
                         "selected) and add retune_acc, retune_asr, retune_asr_nontarget, retune_ra to results.json")
-    g.add_argument("--retune_images", type=int, default=1000,
-                   help="labelled images of --dataset's training split (a seeded subset: --seed) it fine-tunes on")
-    g.add_argument("--retune_poison", type=int, default=5,
-                   help="of those, how many non-target images carry the trigger and the target label")
-    g.add_argument("--retune_epochs", type=int, default=5, help="epochs of the re-tuning (cross-entropy, crop+flip)")
-    g.add_argument("--retune_lr", type=float, default=0.01, help="SGD learning rate of the re-tuning")
-    g.add_argument("--retune_momentum", type=float, default=0.9, help="SGD momentum of the re-tuning")
-    g.add_argument("--retune_batch", type=int, default=128, help="batch size of the re-tuning")
+    add_options(g, RETUNING)
 
     g = add_output_args(p)
     g.add_argument("--demo", action="store_true",
@@ -123,36 +139,16 @@ def defense_parser(argv=None, **defaults):
 
 
 def check_args(args):
-    """Range checks argparse cannot express, the shared flags' and then the defense's own (``Defense.check``); a
-    UserError names the flag."""
-    for name in ("batch_size", "eval_batch_size", "checkpoint_every", "eval_every"):
-        if getattr(args, name, None) not in (None, "auto") and getattr(args, name) < 1:
+    """Range checks argparse cannot express: the shared flags' (their ``Option``s, the re-tuning's with ``--retune``),
+    the rules between them, then the defense's own (``Defense.check``); a UserError names the flag."""
+    check_options(MODEL + DISTILLATION + OPTIMISATION + (RETUNING if args.retune else ()), args)
+    for name in ("eval_batch_size", "checkpoint_every", "eval_every"):  # the system's and output's, and N of N|auto
+        if getattr(args, name) not in (None, "auto") and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if args.epoch < 0:
-        raise UserError(f"--epoch must be >= 0 (0: no training, the prepared student is the result), not {args.epoch}")
-    if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:
-        raise UserError(f"--temperature must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}], not {args.temperature} "
-                        f"(softmax(logits / T) is one-hot below and uniform above: KD would be 0 or meaningless)")
-    for name in ("opt_lr", "lr_drop_to", "weight_decay"):
-        if not getattr(args, name) >= 0:
-            raise UserError(f"--{name} must be >= 0, not {getattr(args, name)}")
-    if getattr(args, "lr_period", None) is not None and args.lr_period < 1:
-        raise UserError(f"--lr_period must be at least 1, not {args.lr_period}")
-    if not args.lr_drop_kd > 0:
-        raise UserError(f"--lr_drop_kd must be positive, not {args.lr_drop_kd}")
     if args.thresh_mask is not None and not 0 <= args.thresh_mask < 1:
         raise UserError(f"--thresh_mask must be in [0, 1), not {args.thresh_mask}")
-    if getattr(args, "width", None) is not None and args.width < 1:
-        raise UserError(f"--width must be at least 1, not {args.width}")
-    if getattr(args, "retune", False):
-        for name in ("retune_images", "retune_epochs", "retune_batch"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-        if not 0 <= args.retune_poison <= args.retune_images:
-            raise UserError(f"--retune_poison must be in [0, --retune_images {args.retune_images}], not {args.retune_poison}")
-        if not args.retune_lr > 0 or not args.retune_momentum >= 0:
-            raise UserError(f"--retune_lr must be positive and --retune_momentum >= 0, not {args.retune_lr} and "
-                            f"{args.retune_momentum}")
+    if args.retune and args.retune_poison > args.retune_images:
+        raise UserError(f"--retune_poison must be in [0, --retune_images {args.retune_images}], not {args.retune_poison}")
     if args.defense in DEFENSES:  # the defense's own flags (auto checks the scan's)
         DEFENSES[args.defense].check(args)
     return args

@@ -128,3 +128,17 @@ def test_a_runs_name_and_label_come_from_its_defense(argv, name, label):
     """ASD's --ratio_type fix is named KD; the defenses that train through KD (clp, fineprune) keep their own."""
     args = distri.defense_parser(argv).parse_args(argv)
     assert (DEFENSES[args.defense].run_name(args), DEFENSES[args.defense].run_label(args)) == (name, label)
+
+
+@pytest.mark.parametrize("name", ["kd", "clp", "fineprune"])
+def test_kd_and_the_defenses_built_on_it_list_none_of_asds_flags(name, capsys):
+    """ASD's flags shape ASL, which KD weighs 0: --defense kd (and clp, fineprune, which train through it) neither
+    lists nor takes them, and runs with ASD's values of them and --ratio_type fix."""
+    flags = get_args_parser(defense=name)._option_string_actions
+    assert not {"--shift_fraction", "--ratio_type", "--eps", "--hook_layers"} & set(flags)
+    assert "--shift_fraction" in get_args_parser(defense="asd")._option_string_actions
+    args = distri.defense_parser(["--defense", name]).parse_args(["--defense", name])
+    assert (args.ratio_type, args.shift, args.eps, args.new_loss_ratio) == ("fix", "all", 0.1, 0.0)
+    with pytest.raises(SystemExit):
+        distri.defense_parser(["--defense", name]).parse_args(["--defense", name, "--shift", "dormant"])
+    assert "unrecognized arguments: --shift dormant" in capsys.readouterr().err

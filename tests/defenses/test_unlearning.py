@@ -303,6 +303,30 @@ def test_ibau_climbs_on_every_nth_step_only(tmp_path, monkeypatch, every, climbs
     assert torch.load(out / "last.pt", weights_only=True)["defense"]["steps"] == 4
 
 
+def test_ibau_inverts_the_mask_trigger_on_the_teacher_then_on_the_student_every_n_epochs(tmp_path, monkeypatch):
+    """``--adv_mask_every 2`` over 4 epochs: the mask-and-pattern trigger of --adv_target is inverted on the teacher
+    before training and on the student at epoch 2 (warm-started from the first), a fifth of each clean batch carries
+    it (the student's KD input, not the teacher's), and its parameters are in last.pt."""
+    import helper.defenses.ibau as ibau
+    inversions, stamped = [], []
+    real_invert, real_stamp = ibau.minimal_trigger, ibau.stamp_share
+
+    def invert(model, images, target, family, **kw):
+        found = real_invert(model, images, target, family, **kw)
+        inversions.append((target, kw["params"] is not None, len(images)))
+        return found
+    monkeypatch.setattr(ibau, "minimal_trigger", invert)
+    monkeypatch.setattr(ibau, "stamp_share", lambda x, share, *a: stamped.append((len(x), share)) or real_stamp(x, share, *a))
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    out = tmp_path / "run"
+    distri.main(fast_flags(teacher, out, epochs=4) + ["--defense", "ibau", "--adv_search", "teacher", "--adv_target", "3",
+                                                      "--adv_mask_every", "2"])
+    assert inversions == [(3, False, 100), (3, True, 100)]  # the first 100 of the 128 defense images (SCAN_IMAGES)
+    assert stamped == [(64, 0.2)] * 8  # 4 epochs of 2 batches of 64
+    mask = torch.load(out / "last.pt", weights_only=True)["defense"]["mask"]
+    assert [tuple(p.shape) for p in mask] == [(1, 32, 32), (3, 32, 32)]
+
+
 @pytest.mark.parametrize("extra,said", [
     (["--defense", "sau", "--adv_radius", "2"], "--sau_radius (also --adv_radius) must be in (0, 1], not 2.0"),
     (["--defense", "nc", "--nc_share", "1.5"] + SMALL_NC, "--nc_share must be in [0, 1], not 1.5"),
@@ -310,6 +334,9 @@ def test_ibau_climbs_on_every_nth_step_only(tmp_path, monkeypatch, every, climbs
     (["--defense", "auto", "--nc_threshold", "0.5"], "--nc_threshold must be above 1"),
     (["--defense", "ibau", "--adv_beta", "-1"], "--adv_beta must be >= 0, not -1.0"),
     (["--defense", "ibau", "--adv_start", "somewhere"], "--adv_start needs --adv_target"),
+    (["--defense", "ibau", "--adv_mask_every", "2"], "--adv_mask_every needs --adv_target"),
+    (["--defense", "ibau", "--adv_target", "0", "--adv_mask_every", "1", "--adv_mask_share", "2"],
+     "--adv_mask_share must be in [0, 1], not 2.0"),
     (["--defense", "renofeation", "--reno_swa_start", "1.5"], "--reno_swa_start must be a fraction in [0, 1) or a whole"),
     (["--defense", "nad", "--nad_betas", "1", "2"], "--nad_betas has 2 values for 3 --nad_layers"),
     (["--defense", "bcu", "--bcu_ratios", "0", "0", "0", "0", "1.5", "0"], "--bcu_ratios must be in [0, 1], not 1.5"),

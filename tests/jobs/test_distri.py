@@ -275,7 +275,7 @@ def _npz(path, **arrays):
     ("mask", "mask.pt holds values in [-2, 2]"),
     ("thresh_range", "--thresh_mask must be in [0, 1), not 5.0"),
     ("thresh_all", "--thresh_mask 0.5 removes the whole mask (its largest value is 0.3)"),
-    ("temperature", "--temperature must be in [0.05, 1000.0], not 1e-30"),
+    ("temperature", "--temperature must be in [0.05, 1000], not 1e-30"),
     ("lr_drop_to", "--lr_drop_to must be >= 0"),
     ("device", "--device mps: this package runs on cpu or cuda"),
     ("negative_labels", "labels must be >= 0, found -3"),
