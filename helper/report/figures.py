@@ -117,8 +117,8 @@ def same_teacher(runs):
     first = runs[0]
     for key, what in (("read_dir", "teacher (read_dir)"), ("dataset", "test set (dataset)"),
                       ("thresh_mask", "mask threshold (thresh_mask)")):
-        def norm(value):
-            return os.path.realpath(value) if key == "read_dir" else value
+        def norm(value):  # a folder or an .npz file named two ways (relative, absolute) is one
+            return os.path.realpath(value) if isinstance(value, str) and os.path.exists(value) else value
         for run in runs[1:]:
             if norm(run["args"].get(key)) != norm(first["args"].get(key)):
                 raise UserError(f"runs of different teachers: {first['dir']} has {what} {first['args'].get(key)!r}, "

@@ -19,7 +19,7 @@ def test_choice_follows_the_verdict():
     assert flags == ["--defense", "kd"] and "no backdoor" in why
     flags, why = auto.choose("backdoored", 7)
     assert flags == ["--defense", "ibau", "--adv_search", "teacher", "--ibau_radius", "6", "--adv_every", "4",
-                     "--adv_target", "7"]
+                     "--adv_mask_every", "2", "--adv_target", "7"]
     assert "class 7" in why
 
 
