@@ -90,12 +90,17 @@ def format_table(rows):
 def plot_demo(table, curves, path):
     """A bar chart of the table and the Acc/ASR curves of each distillation (``curves``: (name, log rows)); PNG."""
     from helper.report.plot import plt, save_figure  # matplotlib with the Agg backend
-    fig, (ax_bar, *ax_curves) = plt.subplots(1, 1 + len(curves), figsize=(5.3 * (1 + len(curves)), 4))
+    cols = 3
+    rows_n = -(-(1 + len(curves)) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.3 * cols, 4 * rows_n), squeeze=False)
+    ax_bar, *ax_curves = axes.flat
+    for ax in ax_curves[len(curves):]:
+        ax.set_visible(False)
     keys = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"))
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
         ax_bar.bar([j + (i - 1) * width for j in range(len(table))], [m[key] for _, m in table], width, label=label)
-    ax_bar.set_xticks(range(len(table)), [name for name, _ in table])
+    ax_bar.set_xticks(range(len(table)), [name.replace(" student", "") for name, _ in table], rotation=20, fontsize=8)
     ax_bar.set_ylim(0, 1.05)
     ax_bar.legend(fontsize=8)
     ax_bar.set_title("synthetic task test set")
