@@ -81,19 +81,19 @@ class ABD(Defense):
             self.rng.bit_generator.state = state["cutmix_rng"]
 
     def stages(self, student):
-        a = self.args
+        a, c = self.args, self.config
         generator = torch.Generator().manual_seed(a.seed)
-        copies = [shuffled_copy(self.teacher, a.abd_layers, generator).eval() for _ in range(a.abd_copies)]
+        copies = [shuffled_copy(self.teacher, c.abd_layers, generator).eval() for _ in range(c.abd_copies)]
         optimizer = self.optimizer(student.parameters())
 
         def loss(s, t, x):
             with torch.no_grad():
-                ensemble = torch.stack([self.logits(c, x).float() for c in copies]).mean(0)
+                ensemble = torch.stack([self.logits(m, x).float() for m in copies]).mean(0)
             flagged = suspicious(ensemble, t)
             per_sample = kd_per_sample(s, t, a.temperature) / (a.temperature ** 2 * s.shape[1])  # class mean, no T^2
-            return (vaccine_loss(per_sample, flagged, a.abd_coef), {"flagged_share": flagged.float().mean()})
+            return (vaccine_loss(per_sample, flagged, c.abd_coef), {"flagged_share": flagged.float().mean()})
         distill = self.distill_step(student, self.teacher, loss, optimizer)
 
         def step(x):
-            return distill(cutmix(x, self.rng, a.abd_cutmix_beta, a.abd_cutmix_prob))
+            return distill(cutmix(x, self.rng, c.abd_cutmix_beta, c.abd_cutmix_prob))
         return [self.make_stage("", a.epoch, student, optimizer, step)]

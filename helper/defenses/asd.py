@@ -157,22 +157,22 @@ class ASD(Defense):
         return args.ratio_type == "scheduler" or args.new_loss_ratio != 0
 
     def stages(self, student):
-        a = self.args
+        a, c = self.args, self.config
         optimizer = self.optimizer(student.parameters())
-        layers = [s.strip() for s in a.hook_layers.split(",") if s.strip()]
-        self.distiller = Distiller(self.teacher, student, optimizer, layers, a.temperature, a.kd_reduction, a.eps,
-                                   self.amp, self.compile_losses, a.asl_samples, self.channels, a.clip_grad,
-                                   a.shift_grad == "local")
+        layers = [s.strip() for s in c.hook_layers.split(",") if s.strip()]
+        self.distiller = Distiller(self.teacher, student, optimizer, layers, a.temperature, a.kd_reduction, c.eps,
+                                   self.amp, self.compile_losses, c.asl_samples, self.channels, c.clip_grad,
+                                   c.shift_grad == "local")
         self.hooked_layers = self.distiller.s_hooks.layers
         bns = [m for m in student.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         weights = {}
-        sched = dict(shift_epochs=a.shift_epochs, floor=a.shift_kd) if a.ratio_type == "scheduler" else {}
+        sched = dict(shift_epochs=c.shift_epochs, floor=c.shift_kd) if c.ratio_type == "scheduler" else {}
 
         def begin(epoch):
-            weights["kd"], weights["asl"] = loss_weights(epoch, a.ratio_type, a.main_loss_ratio, a.new_loss_ratio,
-                                                         asl_scale=a.asl_scale, **sched)
-            weights["freeze"] = a.freeze_bn == "always" or (a.freeze_bn == "shift" and epoch < a.shift_epochs)
-            return {"lambda": asd_ratio(epoch, **sched) if a.ratio_type == "scheduler" else None,
+            weights["kd"], weights["asl"] = loss_weights(epoch, c.ratio_type, c.main_loss_ratio, c.new_loss_ratio,
+                                                         asl_scale=c.asl_scale, **sched)
+            weights["freeze"] = c.freeze_bn == "always" or (c.freeze_bn == "shift" and epoch < c.shift_epochs)
+            return {"lambda": asd_ratio(epoch, **sched) if c.ratio_type == "scheduler" else None,
                     "kd_weight": weights["kd"], "asl_weight": weights["asl"]}
 
         def step(x):
@@ -180,17 +180,17 @@ class ASD(Defense):
                 for m in bns:
                     m.eval()
             return self.distiller.step(x, weights["kd"], weights["asl"])
-        arm = a.shift_epochs if a.ratio_type == "scheduler" else None  # the drop waits for the shift phase's end
+        arm = c.shift_epochs if c.ratio_type == "scheduler" else None  # the drop waits for the shift phase's end
         return [self.make_stage("", a.epoch, student, optimizer, step, begin, drop=self.lr_drop_enabled, arm_epoch=arm)]
 
     def prepare(self, student):
         """``--shift dormant``: choose the channels ASL shifts from the teacher's activity on the defense images."""
-        a, self.channels = self.args, None
-        if a.shift != "dormant":
+        c, self.channels = self.config, None
+        if c.shift != "dormant":
             return {}
-        hooked = resolve_layers(self.teacher, [s.strip() for s in a.hook_layers.split(",") if s.strip()])
-        self.channels = least_active(channel_activity(self.teacher, self.images, hooked), a.shift_fraction)
-        return {"shifted_channels": {n: c.tolist() for n, c in self.channels.items()}}
+        hooked = resolve_layers(self.teacher, [s.strip() for s in c.hook_layers.split(",") if s.strip()])
+        self.channels = least_active(channel_activity(self.teacher, self.images, hooked), c.shift_fraction)
+        return {"shifted_channels": {n: chosen.tolist() for n, chosen in self.channels.items()}}
 
     def diagnostics(self, model):
         """The base's dead units, plus on the probe images (eval mode): the shares of ASL's four cases over the
@@ -229,3 +229,7 @@ class KD(ASD):
     # none of ASD's flags: they shape ASL, which KD weighs 0; their values are fixed at ASD's defaults
     options = ()
     defaults = {**{o.dest: o.default for o in ASD.options}, "ratio_type": "fix"}
+
+    @classmethod
+    def config_fields(cls):  # ASD's engine reads them: the values of the defaults above (and the subclasses' own)
+        return cls.options + ASD.options

@@ -5,7 +5,8 @@ imports every file here, so the class is in ``DEFENSES`` and ``distri.py --defen
 reproduce.py know it; docs/adding.md has a whole example). The engine (``helper.jobs.distill.run``) then
 
 1. checks the run's flags (``check(args)``: each ``Option``'s range, then the defense's own rules), before any
-   folder is made;
+   folder is made; the defense reads its own flags from ``self.config`` (``config_of(args)``: a frozen dataclass of
+   its Options' values) and the shared ones from ``self.args``;
 2. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
 3. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
 4. runs every ``Stage`` of ``stages(student)`` through ``helper.train.engine.fit``: per epoch ``begin(epoch)``
@@ -19,7 +20,7 @@ reproduce.py know it; docs/adding.md has a whole example). The engine (``helper.
 Every attribute a later method reads exists from ``__init__`` on (None or empty until ``prepare`` or ``stages``
 builds it), so no method probes for another's attribute.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Callable
 
 import torch
@@ -83,6 +84,25 @@ class Defense:
             option.add_to(group)
 
     @classmethod
+    def config_fields(cls):
+        """The ``Option``s whose values make the defense's config: its ``options`` by default."""
+        return cls.options
+
+    @classmethod
+    def config_class(cls):
+        """The defense's typed config: a frozen dataclass with one field per ``config_fields()`` entry."""
+        if "_config_class" not in cls.__dict__:
+            cls._config_class = make_dataclass(
+                f"{cls.__name__}Config", [(o.dest, list if o.nargs else o.type if isinstance(o.type, type) else object)
+                                          for o in cls.config_fields()], frozen=True)
+        return cls._config_class
+
+    @classmethod
+    def config_of(cls, args):
+        """The config built from the command line (the one adapter from the parsed flags to a defense's own)."""
+        return cls.config_class()(**{o.dest: getattr(args, o.dest) for o in cls.config_fields()})
+
+    @classmethod
     def check(cls, args):
         """Refuse the run's flags in one UserError before any folder is made: every ``options`` range; a defense
         adds its own rules (one flag that needs another) on top."""
@@ -128,6 +148,7 @@ class Defense:
         # ``images``: the defense images (uint8 N x 3 x 32 x 32 on the device, as ``image_epoch`` takes them),
         # for a defense that looks at the data before training (ASD's --shift dormant, Fine-Pruning)
         self.args, self.teacher, self.device, self.amp, self.images = args, teacher.eval(), device, amp, images
+        self.config = self.config_of(args)  # the defense's own flags, typed; ``args`` holds the shared ones
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.compile_losses = use_compile(device, args.compile)

@@ -70,16 +70,16 @@ class BCU(Defense):
     )
 
     def prepare(self, student):
-        ratios = dict(zip(PARTS, self.args.bcu_ratios))
+        ratios = dict(zip(PARTS, self.config.bcu_ratios))
         return {"bcu_reinit_share": reinitialise_(student, ratios, torch.Generator().manual_seed(self.args.seed))}
 
     def stages(self, student):
-        a = self.args
+        a, c = self.args, self.config
         optimizer = self.optimizer(student.parameters())
         temperature = {}
 
         def begin(epoch):
-            temperature["t"] = bcu_temperature(epoch, a.epoch, *a.bcu_temperature)
+            temperature["t"] = bcu_temperature(epoch, a.epoch, *c.bcu_temperature)
             return {"bcu_t": temperature["t"]}
 
         def loss(s, t, x):

@@ -108,7 +108,7 @@ class CLP(PrunedKD):
                       "layer's"),)
 
     def prune(self, student):
-        masks = clp_masks(student, self.args.clp_u)
+        masks = clp_masks(student, self.config.clp_u)
         modules = dict(student.named_modules())
         self.hold = ZeroHold([(p, m) for name, m in masks.items() for p in (modules[name].weight, modules[name].bias)])
         counts = {name: int(m.sum()) for name, m in masks.items()}

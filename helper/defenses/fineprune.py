@@ -86,11 +86,11 @@ class FinePrune(PrunedKD):
     )
 
     def prune(self, student):
-        a, images = self.args, self.images
+        a, c, images = self.args, self.config, self.images
         batch = eval_batch_size(self.device, a.eval_batch_size)
         with eval_mode(student, self.teacher):
-            order = torch.argsort(mean_activation(student, a.fp_layer, images, batch, self.amp), stable=True)
-            weights = readers(student, a.fp_layer)
+            order = torch.argsort(mean_activation(student, c.fp_layer, images, batch, self.amp), stable=True)
+            weights = readers(student, c.fp_layer)
             originals = [w.detach().clone() for w in weights]
             labels = predict(self.teacher, images, batch, self.amp)
 
@@ -107,7 +107,7 @@ class FinePrune(PrunedKD):
             def agreement(n):
                 mask(n)
                 return (predict(student, images, batch, self.amp) == labels).float().mean().item()
-            n, history = prune_search(len(order), step_size(len(order), a.fp_step), agreement, a.fp_max_drop)
+            n, history = prune_search(len(order), step_size(len(order), c.fp_step), agreement, c.fp_max_drop)
             mask(n)  # undoes the refused step
         self.hold = ZeroHold(list(zip(weights, masks(n))))
         return {"fp_pruned": n, "fp_channels": len(order), "fp_pruned_channels": order[:n].tolist(),

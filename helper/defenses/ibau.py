@@ -165,58 +165,58 @@ class IBAU(Defense):
         ``model`` (eval mode), warm-started from ``params``."""
         with eval_mode(model):
             return minimal_trigger(lambda z: self.logits(model, z, input_grad=model is self.teacher), self.mask_images,
-                                   self.args.adv_target, self.family, batch_size=SCAN_BATCH, success=0.9,
+                                   self.config.adv_target, self.family, batch_size=SCAN_BATCH, success=0.9,
                                    generator=torch.Generator().manual_seed(self.args.seed + 11), params=params).params
 
     def stages(self, student):
-        a = self.args
-        if a.adv_target is not None and a.adv_target >= self.teacher.num_classes:
-            raise UserError(f"--adv_target {a.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
-        if a.adv_start is not None:
-            start = load_inverted(a.adv_start, "universal", a.adv_target)[0].reshape(1, 3, 32, 32)
-            self.delta = project(start.to(self.device), a.ibau_radius)
+        a, c = self.args, self.config
+        if c.adv_target is not None and c.adv_target >= self.teacher.num_classes:
+            raise UserError(f"--adv_target {c.adv_target} is not a class of the {self.teacher.num_classes}-class teacher")
+        if c.adv_start is not None:
+            start = load_inverted(c.adv_start, "universal", c.adv_target)[0].reshape(1, 3, 32, 32)
+            self.delta = project(start.to(self.device), c.ibau_radius)
         else:
-            self.delta = random_direction((1, 3, 32, 32), a.adv_init * a.ibau_radius,
+            self.delta = random_direction((1, 3, 32, 32), c.adv_init * c.ibau_radius,
                                           torch.Generator().manual_seed(a.seed + 7), self.device)
         self.steps = 0  # training steps taken: delta climbs on every --adv_every-th
-        if a.adv_mask_every:
+        if c.adv_mask_every:
             self.mask_images = to_float(self.images[:SCAN_IMAGES])
             self.mask_params = self.invert_mask(self.teacher)
         optimizer = self.optimizer(student.parameters())
 
         def begin(epoch):
-            if a.adv_mask_every and epoch and epoch % a.adv_mask_every == 0:
+            if c.adv_mask_every and epoch and epoch % c.adv_mask_every == 0:
                 self.mask_params = self.invert_mask(student, self.mask_params)
             return {}
 
         def clean(x):  # the clean batch the student's KD term sees: a share stamped with the mask trigger
-            return stamp_share(x, a.adv_mask_share, self.family, self.mask_params) if a.adv_mask_every else x
-        fused = a.adv_search == "student" and a.adv_target is None
-        perturbed_mode = PERTURBED_BN["eval" if a.adv_bn == "shared" else a.adv_bn]
+            return stamp_share(x, c.adv_mask_share, self.family, self.mask_params) if c.adv_mask_every else x
+        fused = c.adv_search == "student" and c.adv_target is None
+        perturbed_mode = PERTURBED_BN["eval" if c.adv_bn == "shared" else c.adv_bn]
 
         def climb(x, t_clean, times):
             for _ in range(times):
-                if a.adv_target is not None:  # the student as the unlearning term sees it; the teacher as it is
-                    model, mode = ((student, perturbed_mode(student)) if a.adv_search == "student"
+                if c.adv_target is not None:  # the student as the unlearning term sees it; the teacher as it is
+                    model, mode = ((student, perturbed_mode(student)) if c.adv_search == "student"
                                    else (self.teacher, contextlib.nullcontext()))
                     with mode:
                         _, g = input_grad(lambda xp: target_log_prob(
-                            self.logits(model, xp, input_grad=True), a.adv_target), x, self.delta)
+                            self.logits(model, xp, input_grad=True), c.adv_target), x, self.delta)
                 elif fused:
                     with perturbed_mode(student):
                         _, g = input_grad(lambda xp: soft_kl(t_clean, self.logits(student, xp)), x, self.delta)
                 else:
                     _, g = input_grad(lambda xp: self_retrospection_loss(
-                        self.logits(self.teacher, xp, input_grad=True), t_clean, a.adv_temperature), x, self.delta)
-                self.delta = project(ascent_step(self.delta, g, a.ibau_lr), a.ibau_radius)
+                        self.logits(self.teacher, xp, input_grad=True), t_clean, c.adv_temperature), x, self.delta)
+                self.delta = project(ascent_step(self.delta, g, c.ibau_lr), c.ibau_radius)
 
         def step(x):
             t = self.logits(self.teacher, x)
-            climbs = self.steps % a.adv_every == 0
+            climbs = self.steps % c.adv_every == 0
             self.steps += 1
             ride = fused and climbs  # the student's backward gives delta's last ascent step
-            times = (a.adv_steps - 1 if fused else a.adv_steps) if climbs else 0
-            if a.adv_bn == "shared":  # one train-mode batch of clean and perturbed images (before issue 29)
+            times = (c.adv_steps - 1 if fused else c.adv_steps) if climbs else 0
+            if c.adv_bn == "shared":  # one train-mode batch of clean and perturbed images (before issue 29)
                 climb(x, t, times)
                 d = self.delta.detach().requires_grad_(ride)
                 both = self.logits(student, torch.cat([clean(x), stamp(x, d)]))
@@ -230,10 +230,10 @@ class IBAU(Defense):
                 with perturbed_mode(student):
                     s_pert = self.logits(student, stamp(x, d))
             kd = self.kd(s, t)
-            loss, unlearn = universal_unlearning_loss(kd, s_pert, t, a.adv_beta)
+            loss, unlearn = universal_unlearning_loss(kd, s_pert, t, c.adv_beta)
             optimizer_step(optimizer, loss)
             if ride:  # the student's backward gave delta's gradient too: its last ascent step
-                self.delta = project(ascent_step(self.delta, d.grad, a.ibau_lr), a.ibau_radius)
+                self.delta = project(ascent_step(self.delta, d.grad, c.ibau_lr), c.ibau_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}
         return [self.make_stage("", a.epoch, student, optimizer, step, begin)]
 

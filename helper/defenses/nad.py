@@ -50,8 +50,8 @@ class NAD(Defense):
             raise UserError(f"--nad_betas has {len(args.nad_betas)} values for {len(layers)} --nad_layers")
 
     def stages(self, student):
-        a = self.args
-        layers = [s.strip() for s in a.nad_layers.split(",") if s.strip()]
+        a, c = self.args, self.config
+        layers = [s.strip() for s in c.nad_layers.split(",") if s.strip()]
         nad_teacher = copy.deepcopy(self.teacher).requires_grad_(True)
         opt_teacher = self.optimizer(nad_teacher.parameters())
         finetune = self.distill_step(nad_teacher, self.teacher, lambda s, t, x: (self.kd(s, t), {}), opt_teacher)
@@ -67,11 +67,11 @@ class NAD(Defense):
 
         def loss(s, t, x):
             s_feats, t_feats = self.hooks[0].pop(), self.hooks[1].pop()
-            at = sum(beta * attention_distillation_loss(s_feats[n], t_feats[n], a.nad_p)
-                     for beta, n in zip(a.nad_betas, self.hooks[0].layers))
+            at = sum(beta * attention_distillation_loss(s_feats[n], t_feats[n], c.nad_p)
+                     for beta, n in zip(c.nad_betas, self.hooks[0].layers))
             return self.kd(s, t) + at, {"at_loss": at.detach()}
         distill = self.distill_step(student, nad_teacher, loss, optimizer)
-        return [self.make_stage("nad_teacher", a.nad_teacher_epochs, nad_teacher, opt_teacher, finetune, hooks_on(False)),
+        return [self.make_stage("nad_teacher", c.nad_teacher_epochs, nad_teacher, opt_teacher, finetune, hooks_on(False)),
                 self.make_stage("", a.epoch, student, optimizer, distill, hooks_on(True))]
 
     def close(self):

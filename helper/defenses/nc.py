@@ -108,15 +108,15 @@ class NC(Defense):
         super().check(args)
 
     def prepare(self, student):
-        a = self.args
-        self.family = MaskPattern(a.nc_mask_max)
-        self.inv_images = to_float(self.images[:a.nc_images])
+        a, c = self.args, self.config
+        self.family = MaskPattern(c.nc_mask_max)
+        self.inv_images = to_float(self.images[:c.nc_images])
         with eval_mode(self.teacher):
             found = invert_all(lambda z: self.logits(self.teacher, z, input_grad=True), self.inv_images, self.family,
                                range(self.teacher.num_classes), **inversion_kw(a))
         norms = [f.size for f in found]
-        index, median, mad = anomaly_index(norms, a.nc_statistic)
-        flagged = flagged_classes(norms, threshold_of(a), a.nc_statistic)
+        index, median, mad = anomaly_index(norms, c.nc_statistic)
+        flagged = flagged_classes(norms, threshold_of(a), c.nc_statistic)
         self.flagged = flagged[0] if flagged else None
         self.params = found[self.flagged].params if flagged else None
         tqdm.write("nc: mask L1 per class " + " ".join(f"{n:.1f}" for n in norms) + "; "
@@ -127,11 +127,11 @@ class NC(Defense):
                        "unlearned_class": self.flagged}}
 
     def stages(self, student):
-        a = self.args
+        a, c = self.args, self.config
         optimizer = self.optimizer(student.parameters())
 
         def begin(epoch):
-            if self.params is not None and a.nc_every and epoch and epoch % a.nc_every == 0:
+            if self.params is not None and c.nc_every and epoch and epoch % c.nc_every == 0:
                 with eval_mode(student):
                     self.params = minimal_trigger(lambda z: self.logits(student, z), self.inv_images, self.flagged,
                                                   self.family, params=self.params, **inversion_kw(a)).params
@@ -139,7 +139,7 @@ class NC(Defense):
 
         def step(x):
             t = self.logits(self.teacher, x)
-            s = self.logits(student, stamp_share(x, a.nc_share, self.family, self.params))
+            s = self.logits(student, stamp_share(x, c.nc_share, self.family, self.params))
             kd = self.kd(s, t)
             optimizer_step(optimizer, kd)
             return {"kd_loss": kd.detach()}

@@ -139,8 +139,8 @@ class Renofeation(Defense):
 
     def swa_start(self):
         """The first averaged epoch; ``--epoch`` (none) with ``--opt_lr 0``, which trains nothing."""
-        a = self.args
-        return swa_start_epoch(a.reno_swa_start, a.epoch) if a.opt_lr > 0 else a.epoch
+        a, c = self.args, self.config
+        return swa_start_epoch(c.reno_swa_start, a.epoch) if a.opt_lr > 0 else a.epoch
 
     def selection_start(self, select_from):
         """With averaging, the result is the final average (epoch ``--epoch`` - 1), as Renofeation's code reports it;
@@ -158,21 +158,21 @@ class Renofeation(Defense):
         return {"reno_swa_start_epoch": start if start < self.args.epoch else None}
 
     def stages(self, student):
-        a = self.args
-        layers = [s.strip() for s in a.reno_layers.split(",") if s.strip()]
+        a, c = self.args, self.config
+        layers = [s.strip() for s in c.reno_layers.split(",") if s.strip()]
         self.student, self.start = student, self.swa_start()
         self.swa, self.swa_scheduler, self._bn_for = AveragedModel(student), None, -1  # copied before any hook
         self.hooks = [FeatureHooks(student, layers), FeatureHooks(self.teacher, layers)]
         self.set_hooks(False)
-        self.dropout = add_spatial_dropout(student, self.hooks[0].layers, a.reno_dropout)
+        self.dropout = add_spatial_dropout(student, self.hooks[0].layers, c.reno_dropout)
         self._optimizer = optimizer = self.optimizer(student.parameters())
 
         def loss(s, t, x):
             s_feats, t_feats = self.hooks[0].pop(), self.hooks[1].pop()
             names = self.hooks[0].layers
-            feat = a.reno_feat_weight * feature_distillation_loss([s_feats[n] for n in names],
+            feat = c.reno_feat_weight * feature_distillation_loss([s_feats[n] for n in names],
                                                                   [t_feats[n] for n in names])
-            head = head_l2_penalty(student, a.reno_head_l2)
+            head = head_l2_penalty(student, c.reno_head_l2)
             return self.kd(s, t) + feat + head, {"feat_loss": feat.detach(), "head_l2": head.detach()}
         step = self.distill_step(student, self.teacher, loss, optimizer)
         before = self.make_stage("", min(self.start, a.epoch), student, optimizer, step)  # --lr_schedule before SWA
@@ -196,7 +196,7 @@ class Renofeation(Defense):
         return [Stage("", a.epoch, student, optimizer, step, begin, end, before.lr_drop)]
 
     def make_swa_scheduler(self):
-        return SWALR(self._optimizer, self.args.reno_swa_lr, anneal_epochs=self.args.reno_swa_anneal)
+        return SWALR(self._optimizer, self.config.reno_swa_lr, anneal_epochs=self.config.reno_swa_anneal)
 
     def set_hooks(self, on):
         """Features are kept only during the training epochs (not during evaluation or diagnostics)."""

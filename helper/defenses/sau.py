@@ -46,12 +46,12 @@ class SAU(Defense):
     )
 
     def stages(self, student):
-        a = self.args
+        a, c = self.args, self.config
         optimizer = self.optimizer(student.parameters())
 
         def search(model, x, labels):  # labels: the teacher's answers on x, SAU's label and its clean reference
             return shared_pgd(lambda z: self.logits(model, z), lambda z: self.logits(self.teacher, z, input_grad=True),
-                              x, labels, a.sau_radius, a.sau_lr, a.adv_steps, a.sau_beta1, a.sau_beta2, labels)
+                              x, labels, c.sau_radius, c.sau_lr, c.adv_steps, c.sau_beta1, c.sau_beta2, labels)
         self.search = search
 
         def step(x):
@@ -65,7 +65,7 @@ class SAU(Defense):
                 masks = shared_masks(s_pert.detach(), t_pert, s.detach(), labels)
                 kd = self.kd(s, t)
                 shared = sau_shared_loss(s_pert, t_pert.argmax(1), masks.fooled_ref)
-                optimizer_step(optimizer, kd + a.sau_lambda * shared)
+                optimizer_step(optimizer, kd + c.sau_lambda * shared)
             return {"kd_loss": kd.detach(), "shared_loss": shared.detach(),
                     "teacher_fooled": masks.fooled_ref.float().mean(), "shared": masks.shared.float().mean()}
         return [self.make_stage("", a.epoch, student, optimizer, step)]

@@ -6,7 +6,7 @@
    teacher should cost nothing); backdoored, target ``c`` -> ``ibau`` with its perturbation climbing the
    teacher's log-probability of ``c`` in an L2 ball of 6 on every 4th step and the mask-and-pattern trigger of ``c``
    re-inverted on the student every 2 epochs beside it (``RECIPE``): the ASR at the clean floor on every teacher
-   measured (width-8 BadNets, Blended, ADBA; width-16 ADBA with a faint and a big trigger), at 94-99% of KD's
+   measured (width-8 BadNets, Blended, ADBA; width-16 ADBA with a faint and a big trigger), at 94-98% of KD's
    accuracy.
 3. **Run it** (``helper.jobs.distill.run`` in ``<choice>/``) with every other flag as given. Without a trigger
    to measure (no ``pattern.pt`` / ``mask.pt`` and no ``--trigger_dir``), the run measures its ASR with the scan's
@@ -53,8 +53,9 @@ def choose(verdict, target):
             f"the scan flagged class {target}: ibau's perturbation (L2 radius 6) climbs the teacher's log-probability "
             f"of class {target} (the backdoor's shortcut) on every 4th step and class {target}'s mask-and-pattern "
             f"trigger is re-inverted on the student every 2 epochs; the student unlearns both. Measured on width-8 "
-            f"BadNets, Blended and ADBA (three seeds) and two width-16 ADBA teachers (one seed): ASR at the clean "
-            f"floor on all of them, at 94-99% of KD's accuracy; re-tuning brings some back (docs/experiments.md)")
+            f"BadNets, Blended and ADBA and a faint width-16 ADBA teacher (three seeds) and a big one (one seed): "
+            f"ASR at the clean floor on all of them, at 94-98% of KD's accuracy; re-tuning brings some back "
+            f"(docs/experiments.md)")
 
 
 def split_argv(argv):

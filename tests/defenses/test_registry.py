@@ -142,3 +142,22 @@ def test_kd_and_the_defenses_built_on_it_list_none_of_asds_flags(name, capsys):
     with pytest.raises(SystemExit):
         distri.defense_parser(["--defense", name]).parse_args(["--defense", name, "--shift", "dormant"])
     assert "unrecognized arguments: --shift dormant" in capsys.readouterr().err
+
+
+def test_each_defense_reads_its_own_flags_from_a_frozen_typed_config():
+    """``config_of(args)``: one field per own Option (KD and the defenses built on it: ASD's too, at its values),
+    frozen; the shared flags are not in it."""
+    import dataclasses
+    for name, cls in DEFENSES.items():
+        args = distri.defense_parser(["--defense", name]).parse_args(["--defense", name])
+        config = cls.config_of(args)
+        fields = {f.name for f in dataclasses.fields(config)}
+        assert fields == {o.dest for o in cls.config_fields()} and "epoch" not in fields and "opt_lr" not in fields
+        assert all(getattr(config, f) == getattr(args, f) for f in fields)
+    args = distri.defense_parser(["--defense", "ibau"]).parse_args(["--defense", "ibau", "--adv_radius", "4"])
+    config = DEFENSES["ibau"].config_of(args)
+    assert type(config).__name__ == "IBAUConfig" and config.ibau_radius == 4.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.ibau_radius = 1.0
+    kd = DEFENSES["kd"].config_of(distri.defense_parser(["--defense", "kd"]).parse_args(["--defense", "kd"]))
+    assert kd.ratio_type == "fix" and kd.shift == "all"
