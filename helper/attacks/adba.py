@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from helper.attacks.base import register_attack
 from helper.attacks.common import load_data, metrics_text
-from helper.attacks.options import attack_defaults, check_attack_args
+from helper.attacks.options import attack_defaults, check_attack_args, own_trigger_only
 from helper.data import images as D
 from helper.data.teacher_dir import write_teacher
 from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger, trigger_stats
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
+from helper.run.errors import UserError
 from helper.run.lifecycle import Life
 from helper.run.resume import Finished
 from helper.run.runlog import write_json
@@ -163,8 +164,16 @@ def consolidate_epoch(teacher, optimizer, train, pattern, mask, target, poison_r
 
 # ---------------------------------------------------------------- the run
 
+def check_adba(args):
+    """ADBA keeps the public ADBA code's constant lr, and is measured with its own trigger."""
+    if getattr(args, "lr_schedule", "none") != "none":
+        raise UserError("--lr_schedule cosine is for --attack badnets, blended and none; the ADBA attack keeps the "
+                        "public ADBA code's constant lr")
+    own_trigger_only(args)
+
+
 @register_attack("adba", help="the ADBA attack (SPEC section 8; the flags below from --alpha to --vanish_psnr, "
-                 "--poison_rate aside, are its own): a learned trigger that survives distillation")
+                 "--poison_rate aside, are its own): a learned trigger that survives distillation", check=check_adba)
 def run(args, out=print):
     """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
     check_attack_args(args)

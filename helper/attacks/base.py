@@ -16,13 +16,14 @@ class Attack:
     help: str                  # one line: what the teacher it makes carries (adba.py --help lists them)
     run: Callable              # run(args, out=print) -> the teacher's metrics; writes the teacher folder
     defaults: dict = field(default_factory=dict)  # values of adba.py's flags for this attack; a given flag wins
+    check: Callable = None     # check(args): the attack's own rules on adba.py's flags (a UserError), before any folder
 
 
-def register_attack(name, help, defaults=None):
+def register_attack(name, help, defaults=None, check=None):
     """Decorator of an attack's ``run``: ``adba.py --attack name``; a name is registered once."""
     def register(run):
         if name in ATTACKS and ATTACKS[name].run is not run:
             raise ValueError(f"--attack {name} is registered twice")
-        ATTACKS[name] = Attack(name, help, run, dict(defaults or {}))
+        ATTACKS[name] = Attack(name, help, run, dict(defaults or {}), check)
         return run
     return register

@@ -2,6 +2,7 @@
 ``helper.attacks.poison``, with ``--attack``'s own defaults."""
 import argparse
 
+from helper.attacks.base import ATTACKS  # adba.py --attack: every registered attack (helper/attacks/*.py)
 from helper.run.cli import (
     TEMPERATURES,
     add_output_args,
@@ -11,8 +12,6 @@ from helper.run.cli import (
     rate_value,
     unit_value,
 )
-
-from helper.attacks.base import ATTACKS  # adba.py --attack: every registered attack (helper/attacks/*.py)
 from helper.run.errors import UserError
 
 
@@ -105,16 +104,19 @@ def check_attack_args(args):
         raise UserError("--mask_max must be above 0: a mask clamped to [0, 0] is no trigger")
     if args.target_label < 0:
         raise UserError(f"--target_label must be >= 0, not {args.target_label}")
-    attack = getattr(args, "attack", "adba")
-    if attack == "adba" and getattr(args, "lr_schedule", "none") != "none":
-        raise UserError("--lr_schedule cosine is for --attack badnets, blended and none; the ADBA attack keeps the "
-                        "public ADBA code's constant lr")
-    if getattr(args, "trigger_dir", None) is not None and attack != "none":
-        raise UserError(f"--trigger_dir is for --attack none (a clean teacher has no trigger of its own); an "
-                        f"--attack {attack} teacher is measured with its own trigger")
     if not args.weight_decay >= 0:
         raise UserError(f"--weight_decay must be >= 0, not {args.weight_decay}")
+    attack = ATTACKS.get(getattr(args, "attack", "adba"))
+    if attack is not None and attack.check is not None:  # the attack's own rules
+        attack.check(args)
     return args
+
+
+def own_trigger_only(args):
+    """An attack with a trigger of its own is measured with it: ``--trigger_dir`` is for ``--attack none``."""
+    if getattr(args, "trigger_dir", None) is not None:
+        raise UserError(f"--trigger_dir is for --attack none (a clean teacher has no trigger of its own); an "
+                        f"--attack {args.attack} teacher is measured with its own trigger")
 
 
 def attack_parser(argv=None):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from helper.attacks.base import register_attack
 from helper.attacks.common import load_data, metrics_text
-from helper.attacks.options import attack_defaults, check_attack_args
+from helper.attacks.options import attack_defaults, check_attack_args, own_trigger_only
 from helper.data import images as D
 from helper.data.teacher_dir import find_trigger, write_teacher
 from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, trigger_stats
@@ -137,10 +137,10 @@ _RECIPE = ("; BackdoorBench's recipe by default (--poison_rate 0.1, --weight_dec
 
 @register_attack("badnets", help="a 3x3 white patch in the bottom-right corner (rows and columns 29-31) on a fixed "
                  "seeded --poison_rate of the training set, all-to-one to --target_label" + _RECIPE,
-                 defaults=POISONING_DEFAULTS)
+                 defaults=POISONING_DEFAULTS, check=own_trigger_only)
 @register_attack("blended", help="0.8 x + 0.2 * a fixed uniform-noise image (seed 1234; BackdoorBench blends a Hello "
                  "Kitty picture, which cannot be shipped here), poisoned as badnets" + _RECIPE,
-                 defaults=POISONING_DEFAULTS)
+                 defaults=POISONING_DEFAULTS, check=own_trigger_only)
 @register_attack("none", help="a clean teacher, the same training without poisoning, written without pattern.pt and "
                  "mask.pt (defend it with distri.py --trigger_dir)" + _RECIPE, defaults=POISONING_DEFAULTS)
 def run(args, out=print, trigger=None):

@@ -9,9 +9,9 @@ import torch
 
 import adba
 import distri
-from helper.data.trigger import inert_trigger_warning, trigger_stats
 from helper.attacks.options import attack_parser
 from helper.attacks.poison import POISONING_DEFAULTS
+from helper.data.trigger import inert_trigger_warning, trigger_stats
 from helper.attacks.poison import (
     BLENDED_ALPHA,
     badnets_trigger,
@@ -287,3 +287,17 @@ def test_clean_metrics_measure_in_eval_mode_and_leave_the_mode_alone():
     with torch.no_grad():
         model.train()
         assert (model(x).argmax(1) == y).float().mean().item() == 0.5  # what train mode would have said
+
+
+def test_each_attack_carries_its_own_rules(tmp_path, capsys):
+    """The attack-specific refusals live with the attack (its registered ``check``): ADBA keeps a constant lr and
+    its own trigger; BadNets and Blended their own trigger; a clean teacher takes --trigger_dir."""
+    from helper.attacks import ATTACKS
+    assert ATTACKS["none"].check is None and ATTACKS["badnets"].check is ATTACKS["blended"].check
+    for argv, said in ((["--attack", "adba", "--lr_schedule", "cosine"], "--lr_schedule cosine is for --attack badnets"),
+                       (["--attack", "blended", "--trigger_dir", str(tmp_path)], "--trigger_dir is for --attack none")):
+        with pytest.raises(SystemExit) as e:
+            adba.main(argv + ["--dataset", "synthetic", "--width", "4", "--epochs", "1", "--device", "cpu",
+                              "--output_dir", str(tmp_path / "out")])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
