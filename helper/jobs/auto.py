@@ -53,8 +53,8 @@ def choose(verdict, target):
             f"the scan flagged class {target}: ibau's perturbation (L2 radius 6) climbs the teacher's log-probability "
             f"of class {target} (the backdoor's shortcut) on every 4th step and class {target}'s mask-and-pattern "
             f"trigger is re-inverted on the student every 2 epochs; the student unlearns both. Measured on width-8 "
-            f"BadNets, Blended and ADBA and a faint width-16 ADBA teacher (three seeds) and a big one (one seed): "
-            f"ASR at the clean floor on all of them, at 94-98% of KD's accuracy; re-tuning brings some back "
+            f"BadNets, Blended and ADBA and width-16 ADBA with a faint and a big trigger (three seeds each): ASR at "
+            f"the clean floor on all of them, at 94-98% of KD's accuracy; re-tuning brings some back "
             f"(docs/experiments.md)")
 
 
