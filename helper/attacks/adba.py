@@ -30,6 +30,7 @@ from helper.data.teacher_dir import write_teacher
 from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, TRIGGER_PIXEL, apply_trigger, trigger_stats
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
+from helper.run.cli import NONNEGATIVE, POSITIVE, TEMPERATURES, UNIT, Option, Range
 from helper.run.errors import UserError
 from helper.run.lifecycle import Life
 from helper.run.resume import Finished
@@ -172,8 +173,34 @@ def check_adba(args):
     own_trigger_only(args)
 
 
-@register_attack("adba", help="the ADBA attack (SPEC section 8; the flags below from --alpha to --vanish_psnr, "
-                 "--poison_rate aside, are its own): a learned trigger that survives distillation", check=check_adba)
+# ADBA's own flags (adba.py's group "Attack adba"); public-code names kept as aliases
+OPTIONS = (
+    Option("--alpha", 0.4, "shadow loss = alpha * KD(shadow, teacher) + (1 - alpha) * CE", range=UNIT,
+           aliases=("--alpha_backdoor",)),
+    Option("--beta", 0.3, "teacher loss = CE(clean) + beta * CE(triggered -> target)", range=NONNEGATIVE,
+           aliases=("--beta_backdoor",)),
+    Option("--miu", 0.1, "weight of the mask's L1 norm (a sum over its 1024 pixels) in the trigger loss; each step pulls "
+           "every mask pixel toward 0 by lr * miu: too large and the trigger vanishes", range=NONNEGATIVE,
+           aliases=("--mu",)),
+    Option("--mask_max", 0.3, "the mask is clamped to [0, mask_max] after every step (1.0 = the original ADBA's [0, 1]); "
+           "above 0: a mask clamped to [0, 0] is no trigger", range=Range(0, 1, low_open=True),
+           aliases=("--mask_clamp",)),
+    Option("--temperature", 1.0, "temperature of the shadow's KD term (the public ADBA code's T = 1; the defense "
+           "distils at 40)", range=Range(*TEMPERATURES)),
+    Option("--kd_reduction", "batchmean", "batchmean: per-sample KL, as the public ADBA code's kldiv; mean: KL / "
+           "(batch x classes)", type=str, choices=("mean", "batchmean")),
+    Option("--detach_shadow_kd", False, "reproduce the public ADBA code: both inputs of the shadow's KD term are "
+           "detached, so the shadow never learns from the teacher and trains on (1 - alpha) * CE alone", type=bool),
+    Option("--trigger_lr", None, "SGD learning rate of pattern and mask (default: --lr)", range=POSITIVE),
+    Option("--consolidation_epochs", None, "epochs of the consolidation phase (default: --epochs; 0 skips it)",
+           type=int, range=NONNEGATIVE),
+    Option("--vanish_psnr", 50.0, "the trigger counts as vanished when no mask pixel exceeds 0.01 or the PSNR between "
+           "clean and triggered test images is at least this (dB)"),
+)
+
+
+@register_attack("adba", help="the ADBA attack (SPEC section 8; its own flags in the group Attack adba): a learned "
+                 "trigger that survives distillation", check=check_adba, options=OPTIONS)
 def run(args, out=print):
     """The whole attack: joint phase, consolidation, evaluation; writes the folder distri.py reads. Returns metrics."""
     check_attack_args(args)

@@ -4,15 +4,37 @@ import argparse
 
 from helper.attacks.base import ATTACKS  # adba.py --attack: every registered attack (helper/attacks/*.py)
 from helper.run.cli import (
-    TEMPERATURES,
+    AT_LEAST_ONE,
+    NONNEGATIVE,
+    POSITIVE,
+    Option,
+    add_options,
     add_output_args,
     add_synthetic_args,
     add_system_args,
-    nonneg_value,
+    check_options,
     rate_value,
-    unit_value,
 )
 from helper.run.errors import UserError
+
+
+# The shared flags of an attack run, declared once with their ranges (``check_attack_args`` checks them); an
+# attack's own flags are in its file (``register_attack(..., options=...)``)
+TARGET = (Option("--target_label", 0, "the backdoor's target class", type=int, range=NONNEGATIVE,
+                 aliases=("--target_label_backdoor",)),)
+MODEL = (Option("--width", 64, "ResNet18 base width of teacher and shadow (64 is the standard model; 8-16 for a CPU)",
+                type=int, range=AT_LEAST_ONE),)
+OPTIMISATION = (
+    Option("--epochs", 100, "epochs of the joint teacher / shadow / trigger phase (badnets, blended, none: of "
+           "training)", type=int, range=AT_LEAST_ONE),
+    Option("--lr", 0.01, "SGD learning rate of teacher and shadow (the public code's default)", range=POSITIVE),
+    Option("--momentum", 0.9, "SGD momentum of the three optimisers", range=NONNEGATIVE),
+    Option("--weight_decay", 0.0, "weight decay of teacher and shadow (badnets, blended, none: 5e-4 by default)",
+           range=NONNEGATIVE),
+    Option("--lr_schedule", "none", "none: constant lr (adba accepts only this); cosine: annealed to 0 over --epochs, "
+           "BackdoorBench's, the default of badnets, blended and none", type=str, choices=("none", "cosine")),
+    Option("--batch_size", 128, "training images per step", type=int, range=AT_LEAST_ONE),
+)
 
 
 def get_attack_parser(add_help=True):
@@ -29,57 +51,28 @@ def get_attack_parser(add_help=True):
                    help="the teacher's task: cifar10 (torchvision, in --data_root), synthetic, or a path to an .npz file")
     g.add_argument("--data_root", default="data", help="dataset root; CIFAR downloads land here")
     g.add_argument("--no_download", action="store_true", help="never try to download a missing dataset")
-    g.add_argument("--target_label", "--target_label_backdoor", type=int, default=0, help="the backdoor's target class")
+    add_options(g, TARGET)
     g.add_argument("--trigger_dir", default=None,
                    help="--attack none only: also measure the clean teacher's ASR with the trigger (pattern.pt, "
                         "mask.pt) of this teacher folder (the floor a backdoored teacher's ASR is read against); "
                         "the trigger is not copied into the clean teacher's folder")
     add_synthetic_args(g)
 
-    g = p.add_argument_group("Model")
-    g.add_argument("--width", type=int, default=64,
-                   help="ResNet18 base width of teacher and shadow (64 is the standard model; 8-16 for a CPU)")
+    add_options(p.add_argument_group("Model"), MODEL)
 
     g = p.add_argument_group("Attack")
     g.add_argument("--attack", default="adba", choices=sorted(ATTACKS),
                    help="; ".join(f"{a.name}: {a.help}" for a in ATTACKS.values()))
-    g.add_argument("--alpha", "--alpha_backdoor", type=unit_value, default=0.4,
-                   help="shadow loss = alpha * KD(shadow, teacher) + (1 - alpha) * CE")
-    g.add_argument("--beta", "--beta_backdoor", type=nonneg_value, default=0.3,
-                   help="teacher loss = CE(clean) + beta * CE(triggered -> target)")
-    g.add_argument("--miu", "--mu", type=nonneg_value, default=0.1,
-                   help="weight of the mask's L1 norm (a sum over its 1024 pixels) in the trigger loss; each step "
-                        "pulls every mask pixel toward 0 by lr * miu: too large and the trigger vanishes")
-    g.add_argument("--mask_max", "--mask_clamp", type=unit_value, default=0.3,
-                   help="the mask is clamped to [0, mask_max] after every step (1.0 = the original ADBA's [0, 1])")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="temperature of the shadow's KD term (the public ADBA code's T = 1; the defense distils at 40)")
-    g.add_argument("--kd_reduction", default="batchmean", choices=["mean", "batchmean"],
-                   help="batchmean: per-sample KL, as the public ADBA code's kldiv; mean: KL / (batch x classes)")
-    g.add_argument("--detach_shadow_kd", action="store_true",
-                   help="reproduce the public ADBA code: both inputs of the shadow's KD term are detached, so the "
-                        "shadow never learns from the teacher and trains on (1 - alpha) * CE alone")
     g.add_argument("--poison_rate", type=rate_value, default=0.3,
                    help="adba's consolidation phase: the first poison_rate of every batch carries the trigger and the "
                         "target label; badnets and blended: the share of the training set poisoned, a fixed subset "
                         "drawn once with --seed from every class (default 0.1 there)")
-    g.add_argument("--consolidation_epochs", type=int, default=None,
-                   help="epochs of the consolidation phase (default: --epochs; 0 skips it)")
-    g.add_argument("--vanish_psnr", type=float, default=50.0,
-                   help="the trigger counts as vanished when no mask pixel exceeds 0.01 or the PSNR between clean "
-                        "and triggered test images is at least this (dB)")
+    for attack in ATTACKS.values():  # each attack's own flags, declared in its file (register_attack(options=...))
+        if attack.options:
+            add_options(p.add_argument_group(f"Attack {attack.name}", f"read by --attack {attack.name} only"),
+                        attack.options)
 
-    g = p.add_argument_group("Optimisation")
-    g.add_argument("--epochs", type=int, default=100, help="epochs of the joint teacher / shadow / trigger phase")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of teacher and shadow (the public code's default)")
-    g.add_argument("--trigger_lr", type=float, default=None, help="SGD learning rate of pattern and mask (default: --lr)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of the three optimisers")
-    g.add_argument("--weight_decay", type=float, default=0.0,
-                   help="weight decay of teacher and shadow (badnets, blended, none: 5e-4 by default)")
-    g.add_argument("--lr_schedule", default="none", choices=["none", "cosine"],
-                   help="none: constant lr (adba accepts only this); cosine: annealed to 0 over --epochs, "
-                        "BackdoorBench's, the default of badnets, blended and none")
-    g.add_argument("--batch_size", type=int, default=128, help="training images per step")
+    add_options(p.add_argument_group("Optimisation"), OPTIMISATION)
 
     add_output_args(p)
 
@@ -88,25 +81,13 @@ def get_attack_parser(add_help=True):
 
 
 def check_attack_args(args):
-    """Range checks of adba.py's arguments argparse cannot express; a UserError names the flag."""
-    for name in ("batch_size", "epochs", "width", "eval_batch_size", "checkpoint_every"):
+    """Range checks of adba.py's arguments: the shared flags' ``Option``s, the system's, the attack's own flags'
+    (its ``options``) and its own rules (its ``check``); a UserError names the flag."""
+    attack = ATTACKS.get(getattr(args, "attack", "adba"))
+    check_options(MODEL + TARGET + OPTIMISATION + (attack.options if attack is not None else ()), args)
+    for name in ("eval_batch_size", "checkpoint_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if args.consolidation_epochs is not None and args.consolidation_epochs < 0:
-        raise UserError(f"--consolidation_epochs must be >= 0, not {args.consolidation_epochs}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, not {args.lr}")
-    if not TEMPERATURES[0] <= args.temperature <= TEMPERATURES[1]:
-        raise UserError(f"--temperature must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}], not {args.temperature}")
-    if args.trigger_lr is not None and not args.trigger_lr > 0:
-        raise UserError(f"--trigger_lr must be positive, not {args.trigger_lr}")
-    if args.mask_max <= 0:
-        raise UserError("--mask_max must be above 0: a mask clamped to [0, 0] is no trigger")
-    if args.target_label < 0:
-        raise UserError(f"--target_label must be >= 0, not {args.target_label}")
-    if not args.weight_decay >= 0:
-        raise UserError(f"--weight_decay must be >= 0, not {args.weight_decay}")
-    attack = ATTACKS.get(getattr(args, "attack", "adba"))
     if attack is not None and attack.check is not None:  # the attack's own rules
         attack.check(args)
     return args

@@ -4,7 +4,7 @@ import argparse
 
 from helper.defenses import DEFENSES
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
-from helper.run.cli import (AT_LEAST_ONE, NONNEGATIVE, POSITIVE, TEMPERATURES, Option, Range, add_data_args, add_output_args,
+from helper.run.cli import (AT_LEAST_ONE, NONNEGATIVE, POSITIVE, TEMPERATURES, Option, Range, add_data_args, add_options, add_output_args,
                             add_system_args, check_options, eval_every_value)
 from helper.run.errors import UserError
 
@@ -77,11 +77,6 @@ RETUNING = (  # checked only with --retune
     Option("--retune_momentum", 0.9, "SGD momentum of the re-tuning", range=NONNEGATIVE),
     Option("--retune_batch", 128, "batch size of the re-tuning", type=int, range=AT_LEAST_ONE),
 )
-
-
-def add_options(group, options):
-    for option in options:
-        option.add_to(group)
 
 
 def get_args_parser(add_help=True, defense="asd"):

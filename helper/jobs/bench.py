@@ -10,6 +10,7 @@ import torch
 
 from helper.data import images as D
 from helper.jobs import profile as P
+from helper.jobs.auto import RECIPE
 from helper.jobs.reference import ReferenceStep
 from helper.run.cli import add_system_args
 from helper.run.system import amp_dtype, configure, eval_batch_size, memory_format, select_device, tf32_off, use_compile
@@ -17,7 +18,8 @@ from helper.run.system import amp_dtype, configure, eval_batch_size, memory_form
 
 # timed rows that are a defense with flags of its own: (defense, flags)
 VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"]),
-            "ibau-target-every4": ("ibau", ["--adv_search", "teacher", "--adv_target", "0", "--adv_every", "4"])}
+            "ibau-target-every4": ("ibau", ["--adv_search", "teacher", "--adv_target", "0", "--adv_every", "4"]),
+            "auto": ("ibau", [*RECIPE, "--adv_target", "0"])}  # what --defense auto runs on a flagged class 0
 
 
 def get_args_parser():
@@ -33,12 +35,12 @@ def get_args_parser():
                    help="clean test images (as many triggered ones are evaluated too); 10000 is the real test set")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference-style loop")
     g.add_argument("--no_reference", action="store_true", help="skip the reference-style loop")
-    g.add_argument("--defenses", nargs="*", default=["ibau", "ibau-target", "ibau-target-every4", "sau", "nc"],
+    g.add_argument("--defenses", nargs="*", default=["ibau", "ibau-target", "ibau-target-every4", "auto", "sau", "nc"],
                    metavar="NAME",
                    help="unlearning defenses whose own step is timed beside KD's (their defaults; nc's one-off "
                         "inversion is timed apart, per pass over its images for the 10 classes); a name of VARIANTS "
                         "is a defense with flags (ibau-target: ibau searching the teacher towards class 0; -every4: climbing on "
-                        "every 4th step); none: "
+                        "every 4th step; auto: --defense auto's recipe for a flagged class 0, its set-up the mask trigger's inversion on the teacher, which it repeats on the student every 2 epochs); none: "
                         "--defenses with no name")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
@@ -127,7 +129,8 @@ def main(argv=None):
             print(f"{label:44s} {value:10.1f}" + (f" {peak.get(key, 0):9.2f}" if peak else ""))
     for dname, d in defenses.items():
         print(f"{'(e) ' + dname + ' step, ours':44s} {d['img_s']:10.1f}" + (f" {peak.get(dname, 0):9.2f}" if peak else "")
-              + f"   {d['step_over_kd']:.2f} x a KD step" + (f"; its inversion {d['prepare_s']:.1f} s per pass" if dname == "nc" else ""))
+              + f"   {d['step_over_kd']:.2f} x a KD step" + (f"; its inversion {d['prepare_s']:.1f} s per pass" if dname == "nc" else
+                 f"; its set-up {d['prepare_s']:.1f} s" if d["prepare_s"] >= 0.05 else ""))
     print(f"asd_over_kd (KD / ASD throughput) {result['asd_over_kd']:.3f}"
           + (f"   speedup_vs_reference {result['speedup_vs_reference']:.2f}x" if reference_img_s else ""))
     epoch_s = 5000 / asd_img_s + 2 * 10000 / eval_img_s

@@ -61,7 +61,8 @@ def loop_throughput(distiller, images, warmup_images, weights, batch_size, mem_f
 def defense_throughput(name, teacher, images, warmup_images, batch_size, mem_format, amp, seed=0, flags=()):
     """Images per second of an epoch of ``--defense name``'s own step (its defaults and ``flags``) over ``images``,
     after an epoch over ``warmup_images``; the student is a fresh copy of ``teacher``. A defense's one-off
-    preparation (Neural Cleanse's inversion) is not in the figure: ``(images/s, seconds of prepare)``."""
+    set-up (``prepare`` and ``stages``: Neural Cleanse's inversion, ibau's mask trigger on the teacher) is not in the
+    figure: ``(images/s, seconds of set-up)``."""
     from helper.defenses import DEFENSES
     from helper.defenses.options import defense_parser
     argv = ["--defense", name, "--seed", str(seed), *flags]
@@ -70,8 +71,8 @@ def defense_throughput(name, teacher, images, warmup_images, batch_size, mem_for
     defense = DEFENSES[name](args, teacher, images.device, amp, len(images), images)
     start = time.perf_counter()
     defense.prepare(student)
-    prepare_s = time.perf_counter() - start
     step = defense.stages(student)[0].step
+    prepare_s = time.perf_counter() - start
     generator = torch.Generator(device=images.device).manual_seed(seed)
     student.train()
     image_epoch(step, warmup_images, batch_size, generator, mem_format, False)

@@ -153,7 +153,7 @@ POSITIVE, NONNEGATIVE, AT_LEAST_ONE, UNIT = Range(0, low_open=True), Range(0), R
 class Option:
     """One flag of a method, declared once: ``flag`` (its name; ``aliases``: older names that still parse), its
     ``default``, ``type``, ``choices``, ``metavar`` and ``nargs`` as argparse takes them (a tuple default of a
-    ``nargs`` flag parses as a list), and ``range`` (a ``Range``, of every value of a list), checked by
+    ``nargs`` flag parses as a list; ``type=bool``: a switch, False unless given), and ``range`` (a ``Range``, of every value of a list), checked by
     ``check_options`` before a run makes its folder. ``None`` passes the range (an optional flag left unset)."""
     flag: str
     default: object
@@ -171,6 +171,9 @@ class Option:
 
     def add_to(self, group):
         kw = {"default": self.default, "help": self.help, "dest": self.dest}
+        if self.type is bool:  # a switch: present = True
+            group.add_argument(self.flag, *self.aliases, action="store_true", **kw)
+            return
         if self.type is not str:
             kw["type"] = self.type
         for key in ("choices", "metavar", "nargs"):
@@ -179,6 +182,12 @@ class Option:
         if self.nargs is not None and isinstance(self.default, tuple):
             kw["default"] = list(self.default)
         group.add_argument(self.flag, *self.aliases, **kw)
+
+
+def add_options(group, options):
+    """Each ``Option`` of ``options`` as a flag of the argparse ``group``."""
+    for option in options:
+        option.add_to(group)
 
 
 def check_options(options, args):

@@ -13,6 +13,7 @@ import torch
 import adba
 import distri
 from helper.attacks import ATTACKS
+from helper.attacks.options import get_attack_parser
 from helper.defenses import DEFENSES
 from helper.defenses.options import get_args_parser
 from helper.jobs import reproduce
@@ -75,7 +76,6 @@ def test_help_description_and_readme_table_name_every_defense():
 
 def test_every_attack_is_registered_and_is_adba_pys_choice():
     assert set(ATTACKS) == {"adba", "badnets", "blended", "none"}
-    from helper.attacks.options import get_attack_parser
     text = get_attack_parser().format_help()
     for name, attack in ATTACKS.items():
         assert attack.help and callable(attack.run) and f"{name}:" in re.sub(r"\s+", " ", text)
@@ -117,6 +117,20 @@ def test_the_example_attack_makes_a_teacher_through_adba_py(tmp_path, installed)
     assert torch.equal(torch.load(out / "mask.pt", weights_only=True), mask)
     assert json.load(open(out / "args.json"))["poison_rate"] == 0.1  # its defaults: BackdoorBench's recipe
     assert pattern[0, :2, :2].tolist() == [[0.0, 1.0], [1.0, 0.0]] and mask.sum() == 16
+
+
+def test_the_example_attacks_own_flag_is_listed_checked_and_read(tmp_path, installed, capsys):
+    installed("attacks", "checker", example(1), ATTACKS, "checker")
+    text = get_attack_parser().format_help()
+    assert "Attack checker:" in text and "--checker_size" in text and "side of the checkerboard" in text
+    argv = ["--attack", "checker", "--dataset", "synthetic", "--synthetic_train", "64", "--synthetic_test", "32",
+            "--width", "4", "--epochs", "1", "--batch_size", "32", "--device", "cpu", "--no_progress"]
+    with pytest.raises(SystemExit) as e:
+        adba.main(argv + ["--checker_size", "0", "--output_dir", str(tmp_path / "bad")])
+    assert e.value.code != 0 and not (tmp_path / "bad").exists()
+    assert "--checker_size must be >= 1, not 0" in capsys.readouterr().err
+    adba.main(argv + ["--checker_size", "2", "--output_dir", str(tmp_path / "two")])
+    assert torch.load(tmp_path / "two" / "mask.pt", weights_only=True).sum() == 4
 
 
 @pytest.mark.parametrize("argv,name,label", [(["--defense", "asd"], "asd", "ASD"),

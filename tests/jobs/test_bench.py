@@ -31,10 +31,13 @@ def test_bench_cli_writes_the_json(tmp_path):
     # (a rounded ratio of a slow, busy machine did not: issue 15); no timing is compared with anything
     assert result["asd_over_kd"] == pytest.approx(result["kd_img_s"] / result["asd_img_s"], rel=1e-12)
     assert result["speedup_vs_reference"] == pytest.approx(result["asd_img_s"] / result["reference_img_s"], rel=1e-12)
-    assert set(result["defenses"]) == {"ibau", "ibau-target", "ibau-target-every4", "sau", "nc"}
+    assert set(result["defenses"]) == {"ibau", "ibau-target", "ibau-target-every4", "auto", "sau", "nc"}
     for d in result["defenses"].values():
         assert d["img_s"] > 0 and d["step_over_kd"] == pytest.approx(result["kd_img_s"] / d["img_s"], rel=1e-12)
     assert "(e) sau step, ours" in proc.stdout
+    # auto's row is --defense auto's recipe: its set-up (the mask trigger inverted on the teacher) is timed apart
+    auto_line = next(line for line in proc.stdout.splitlines() if line.startswith("(e) auto step"))
+    assert "its set-up" in auto_line and result["defenses"]["auto"]["prepare_s"] > 0
 
 
 def test_bench_without_reference_and_with_profile(capsys):

@@ -213,7 +213,8 @@ def test_teacher_labels_from_names_folders_and_their_results(tmp_path):
     (["--attacks", "none"], "no teacher has a trigger"),
     (["--attacks", "badnets", "badnets"], "two teachers labelled 'badnets'"),
     (["--attacks", "badnets", "--attack_flags", "--width x"], "adba.py --attack badnets: argument --width: invalid int"),
-    (["--attacks", "badnets", "--attack_flags", "--epochs 0"], "--epochs must be at least 1"),
+    (["--attacks", "badnets", "--attack_flags", "--epochs 0"], "--epochs must be >= 1, not 0"),
+    (["--attacks", "adba", "--attack_flags", "--alpha 2"], "--alpha (also --alpha_backdoor) must be in [0, 1], not 2"),
     (["--attacks", "badnets", "--read_dir", "."], "not both"),
     ([], "--read_dir DIR (one teacher) or --attacks SPEC"),
 ])
