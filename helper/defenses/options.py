@@ -4,7 +4,7 @@ import argparse
 
 from helper.defenses import DEFENSES
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
-from helper.run.cli import (AT_LEAST_ONE, NONNEGATIVE, POSITIVE, TEMPERATURES, Option, Range, add_data_args, add_options, add_output_args,
+from helper.run.cli import (AT_LEAST_ONE, NONNEGATIVE, POSITIVE, TEMPERATURES, Option, Range, add_data_args, add_options, add_output_args, config_defaults, read_config,
                             add_system_args, check_options, eval_every_value)
 from helper.run.errors import UserError
 
@@ -111,6 +111,9 @@ def get_args_parser(add_help=True, defense="asd"):
     add_options(g, RETUNING)
 
     g = add_output_args(p)
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON (or, with PyYAML, YAML) mapping of flag names to values, taken as defaults (over the "
+                        "defense's own); a flag on the command line wins; docs/usage.md has an example")
     g.add_argument("--demo", action="store_true",
                    help="run the whole story offline on synthetic data: train an ADBA teacher, distil it "
                         "with KD and with ASD, print one table. Sizes are fixed in helper/jobs/demo.py; --seed, --device, "
@@ -122,14 +125,19 @@ def get_args_parser(add_help=True, defense="asd"):
 
 def defense_parser(argv=None, **defaults):
     """distri.py's parser for the defense ``argv`` names (``--defense``, default asd), with that defense's
-    defaults (its own paper's) on top of the package's and ``defaults`` (of a variant entry point) on top of
-    those; a flag given on the command line wins over all of them."""
+    defaults (its own paper's) on top of the package's, ``defaults`` (of a variant entry point) on top of those and
+    ``--config FILE``'s values (``helper.run.cli.read_config``) on top of those; a flag given on the command line
+    wins over all of them (timm's two-pass parse)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--defense", default=defaults.get("defense", "asd"), choices=choices())
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    values = read_config(path) if path else {}
+    pre.add_argument("--defense", default=values.get("defense", defaults.get("defense", "asd")), choices=choices())
     name = pre.parse_known_args(argv)[0].defense
     parser = get_args_parser(defense=name)
     parser.set_defaults(**(DEFENSES[name].defaults if name != AUTO else {}))
     parser.set_defaults(**defaults)
+    parser.set_defaults(**config_defaults(parser, values, path))
     return parser
 
 

@@ -5,6 +5,8 @@ The parsers built from them: ``helper.defenses.options`` (distri.py), ``helper.a
 Names follow the public ASD code where it had them (``--finetunedata``, ``--opt_lr``, ``--epoch``, ...).
 """
 import argparse
+import json
+import os
 from dataclasses import dataclass
 
 from helper.run.errors import UserError
@@ -201,3 +203,52 @@ def check_options(options, args):
             also = f" (also {', '.join(o.aliases)})" if o.aliases else ""
             where = f" (of {' '.join(f'{v:g}' for v in value)})" if isinstance(value, (list, tuple)) else ""
             raise UserError(f"{o.flag}{also} must be {o.range}, not {bad[0]}{where}")
+
+
+def read_config(path):
+    """``--config FILE``: a JSON object (``.json``) or a YAML mapping (``.yaml``/``.yml``, with PyYAML installed) of
+    flag names (without the dashes) to values; a UserError names what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml  # optional: only a YAML config needs it
+        except ImportError:
+            raise UserError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml); or write the file as "
+                            f"JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: must hold a mapping of flag names to values, not {type(values).__name__}")
+    return {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+
+
+def config_defaults(parser, values, path):
+    """``values`` (``read_config``'s) checked against ``parser``'s flags, as its defaults: a flag the parser does not
+    have, a value outside a flag's choices or one its type refuses is a UserError naming the flag; a string is
+    converted by the flag's type as argparse would convert it. The command line still wins over them."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    out = {}
+    for key, value in values.items():
+        action = actions.get(key)
+        if action is None or key == "config":
+            raise UserError(f"--config {path}: {key} is not a flag of this command")
+        try:
+            if isinstance(value, str) and action.type is not None:
+                value = action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"--config {path}: {key}: {e}") from None
+        if action.choices is not None and value not in action.choices and not (
+                isinstance(value, list) and all(v in action.choices for v in value)):
+            raise UserError(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}, not {value!r}")
+        out[key] = value
+    return out
