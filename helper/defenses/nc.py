@@ -108,15 +108,15 @@ class NC(Defense):
         super().check(args)
 
     def prepare(self, student):
-        a, c = self.args, self.config
+        c = self.config
         self.family = MaskPattern(c.nc_mask_max)
         self.inv_images = to_float(self.images[:c.nc_images])
         with eval_mode(self.teacher):
             found = invert_all(lambda z: self.logits(self.teacher, z, input_grad=True), self.inv_images, self.family,
-                               range(self.teacher.num_classes), **inversion_kw(a))
+                               range(self.teacher.num_classes), **inversion_kw(c))
         norms = [f.size for f in found]
         index, median, mad = anomaly_index(norms, c.nc_statistic)
-        flagged = flagged_classes(norms, threshold_of(a), c.nc_statistic)
+        flagged = flagged_classes(norms, threshold_of(c), c.nc_statistic)
         self.flagged = flagged[0] if flagged else None
         self.params = found[self.flagged].params if flagged else None
         tqdm.write("nc: mask L1 per class " + " ".join(f"{n:.1f}" for n in norms) + "; "
@@ -134,7 +134,7 @@ class NC(Defense):
             if self.params is not None and c.nc_every and epoch and epoch % c.nc_every == 0:
                 with eval_mode(student):
                     self.params = minimal_trigger(lambda z: self.logits(student, z), self.inv_images, self.flagged,
-                                                  self.family, params=self.params, **inversion_kw(a)).params
+                                                  self.family, params=self.params, **inversion_kw(c)).params
             return {}
 
         def step(x):

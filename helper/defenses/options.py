@@ -1,6 +1,8 @@
 """distri.py's parser: the shared groups, Model, Distillation, Optimisation, the chosen defense's own group and
 the re-tuning attack; ``defense_parser`` puts the defense's own defaults on top of the package's."""
 import argparse
+import functools
+from dataclasses import make_dataclass
 
 from helper.defenses import DEFENSES
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args
@@ -155,3 +157,26 @@ def check_args(args):
     if args.defense in DEFENSES:  # the defense's own flags (auto checks the scan's)
         DEFENSES[args.defense].check(args)
     return args
+
+
+@functools.lru_cache(maxsize=None)
+def run_config_class():
+    """The shared run options as one typed object: a frozen dataclass with a field per flag of distri.py that is no
+    defense's own (Data, Model, Distillation, Optimisation, Re-tuning, Output, System: the flags of ``--defense kd``,
+    which declares none), typed by its ``Option``, its argparse type or its default."""
+    fields = []
+    for action in get_args_parser(defense="kd")._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        kind = (bool if isinstance(action, argparse._StoreTrueAction) else list if action.nargs in ("+", "*")
+                else action.type if isinstance(action.type, type) else object if action.type is not None
+                else type(action.default) if action.default is not None else object)
+        fields.append((action.dest, kind))
+    return make_dataclass("RunConfig", fields, frozen=True)
+
+
+def run_config_of(args):
+    """The shared run options of a parsed command line (``run_config_class``): what a defense reads as
+    ``self.args``; its own flags are ``self.config``, no other defense's are reachable."""
+    cls = run_config_class()
+    return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})

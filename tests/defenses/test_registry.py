@@ -175,3 +175,22 @@ def test_each_defense_reads_its_own_flags_from_a_frozen_typed_config():
         config.ibau_radius = 1.0
     kd = DEFENSES["kd"].config_of(distri.defense_parser(["--defense", "kd"]).parse_args(["--defense", "kd"]))
     assert kd.ratio_type == "fix" and kd.shift == "all"
+
+
+def test_the_shared_run_options_are_one_frozen_typed_object_with_no_defenses_flag():
+    """``run_config_of(args)`` (a defense's ``self.args``): a field per flag no defense owns, typed, frozen; a defense
+    reading its own flag (or another's) from it fails instead of reading the namespace (nc did, until this test)."""
+    import dataclasses
+
+    from helper.defenses.options import MODEL, OPTIMISATION, RETUNING, run_config_class, run_config_of
+    fields = {f.name: f.type for f in dataclasses.fields(run_config_class())}
+    assert {o.dest for o in MODEL + OPTIMISATION + RETUNING} <= set(fields)
+    assert {"seed", "device", "read_dir", "dataset", "output_dir", "epoch", "defense"} <= set(fields)
+    assert (fields["epoch"], fields["opt_lr"], fields["retune"], fields["lr_milestones"]) == (int, float, bool, list)
+    owned = {o.dest for cls in DEFENSES.values() for o in cls.config_fields()}
+    assert not owned & set(fields), owned & set(fields)
+    argv = ["--defense", "ibau", "--epoch", "7", "--adv_radius", "4"]
+    run = run_config_of(distri.defense_parser(argv).parse_args(argv))
+    assert run.epoch == 7 and run.defense == "ibau" and not hasattr(run, "ibau_radius")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.epoch = 1
