@@ -29,7 +29,8 @@ from helper.attacks.common import load_data, metrics_text
 from helper.attacks.options import attack_defaults, check_attack_args, own_trigger_only
 from helper.data import images as D
 from helper.data.teacher_dir import find_trigger, write_teacher
-from helper.data.trigger import MASK_SHAPE, PATTERN_SHAPE, apply_trigger, trigger_stats
+from helper.data.trigger import (MASK_SHAPE, PATTERN_SHAPE, POISON_SEED_OFFSET, apply_trigger, poisoned_labels,
+                                 trigger_stats)
 from helper.report.plot import plot_attack_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
 from helper.run.errors import UserError
@@ -45,7 +46,6 @@ from models import resnet18
 BADNETS_SIZE = 3        # the white square's side, in pixels, in the bottom-right corner
 BLENDED_ALPHA = 0.2     # blended: x_triggered = (1 - 0.2) x + 0.2 p
 BLENDED_SEED = 1234     # the seed of blended's noise pattern: one pattern for every blended teacher
-POISON_SEED_OFFSET = 1_000_003  # the subset's generator: --seed + this, never the run's own batch order (--seed)
 METRICS = ("acc", "asr", "asr_nontarget", "ra", "top_class_share", "target_rate_clean")  # of ``evaluate``
 
 
@@ -84,13 +84,6 @@ def poison_index(n, rate, seed):
         raise UserError(f"--poison_rate {rate} of {n} training images poisons no image")
     generator = torch.Generator().manual_seed(seed + POISON_SEED_OFFSET)
     return torch.randperm(n, generator=generator)[:k].sort().values
-
-
-def poisoned_labels(labels, index, target):
-    """``(labels with those at index set to target, a bool flag per image: stamp the trigger)``; new tensors."""
-    new, stamp = labels.clone(), torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
-    new[index], stamp[index] = int(target), True
-    return new, stamp
 
 
 def stamp_batch(x, stamp, pattern, mask):

@@ -11,6 +11,9 @@ from helper.data.metrics import psnr_per_image, ssim
 PATTERN_SHAPE = (3, 32, 32)
 MASK_SHAPE = (1, 32, 32)
 TRIGGER_PIXEL = 0.01  # a mask pixel above this counts as part of the trigger
+# the generator of a poisoned subset (the attacks' training sets, the re-tuning set): --seed + this, never the run's
+# own batch order (--seed)
+POISON_SEED_OFFSET = 1_000_003
 
 
 def apply_trigger(x, pattern, mask):
@@ -82,3 +85,10 @@ def trigger_stats(pattern, mask, clean, vanish_psnr=50.0, chunk=1000, with_ssim=
     stats["ssim"] = (total_s / n if n else float("nan")) if with_ssim else None
     stats["vanished"] = trigger_vanished(stats, vanish_psnr)
     return stats
+
+
+def poisoned_labels(labels, index, target):
+    """``(labels with those at index set to target, a bool flag per image: stamp the trigger)``; new tensors."""
+    new, stamp = labels.clone(), torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+    new[index], stamp[index] = int(target), True
+    return new, stamp

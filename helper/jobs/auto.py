@@ -26,6 +26,7 @@ import os
 import torch
 
 from helper.data.images import to_float
+from helper.data.inputs import load_data
 from helper.data.teacher_dir import has_trigger, save_trigger
 from helper.defenses.nc import add_inversion_args, check_inversion
 from helper.defenses.options import check_args, defense_parser
@@ -160,7 +161,7 @@ def run_auto(args, argv, out=print):
     defended = distill.run(defense_parser(run_argv).parse_args(run_argv), out)
     student_scan = scan_step(args, run_dir, os.path.join(root, STUDENT_SCAN), out, checkpoint="selected.pkl")
     scan_ns = scan_args(args, None, None)
-    images = to_float(distill.load_data(scan_ns)[2].x[:scan_ns.nc_images]).to(device)  # the scan's images, once
+    images = to_float(load_data(scan_ns)[2].x[:scan_ns.nc_images]).to(device)  # the scan's images, once
     families = {n: family(n, scan_ns) for n in scan_ns.families}
     shares = {who: share_on(os.path.join(folder, ckpt), os.path.join(root, TEACHER_SCAN), c, images, families,
                             args.width)

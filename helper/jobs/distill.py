@@ -2,12 +2,12 @@
 import copy
 import os
 
-from helper.data import images as D
-from helper.data.teacher_dir import read_teacher, teacher_attack, write_teacher
+from helper.data.inputs import load_inputs
+from helper.data.teacher_dir import teacher_attack, write_teacher
 from helper.data.trigger import inert_trigger_warning, trigger_stats
 from helper.defenses import DEFENSES
 from helper.defenses.options import check_args
-from helper.jobs.retune import retune_results, retune_set
+from helper.jobs.retune import retune_results
 from helper.report.aggregate import asr_last10
 from helper.report.attention import write_run_attention
 from helper.report.plot import plot_curves
@@ -21,36 +21,6 @@ from helper.train.evaluate import EvalSet, conv_weight_norm, evaluate
 from models import resnet18
 
 METRICS = ("acc", "asr", "asr_nontarget", "ra")
-
-
-def load_inputs(args):
-    """Everything a run reads, checked before its folder is made: teacher, trigger (``--trigger_dir``'s when given),
-    test set, defense images, and with ``--retune`` the re-tuning set (``helper.jobs.retune.retune_set``), else None."""
-    teacher, pattern, mask = read_teacher(args.read_dir, args.width, args.thresh_mask, args.trigger_dir)
-    task_train, task_test, defense = load_data(args)
-    if not 0 <= args.target_label < teacher.num_classes:
-        raise UserError(f"--target_label {args.target_label} is not a class of the {teacher.num_classes}-class teacher")
-    if len(task_test) and int(task_test.y.max()) >= teacher.num_classes:
-        raise UserError(f"{args.dataset} has labels up to {int(task_test.y.max())} but the teacher has "
-                        f"{teacher.num_classes} classes: --dataset must be what the teacher was trained on")
-    retune_data = (retune_set(task_train, args.retune_images, args.retune_poison, args.target_label, args.seed)
-                   if args.retune else None)
-    return teacher, pattern, mask, task_test, defense, retune_data
-
-
-def load_data(args):
-    """(the teacher's train split, its test split, the defense images) as the Data flags name them."""
-    kw = dict(data_root=args.data_root, download=not args.no_download, synthetic_seed=args.synthetic_seed,
-              synthetic_train=args.synthetic_train, synthetic_test=args.synthetic_test)
-    task_train, task_test = D.load_splits(args.dataset, role="task", **kw)
-    if not len(task_test):
-        raise UserError(f"--dataset {args.dataset} has no test images: Acc and ASR would be measured on nothing")
-    if args.finetune_in_out == "in":
-        defense_train, defense_test = task_train, task_test
-    else:
-        defense_train, defense_test = D.load_splits(args.finetunedata, role="ood", flag="--finetunedata", **kw)
-    pool = D.defense_pool(defense_train, defense_test, args.finetune_extend)
-    return task_train, task_test, D.seeded_subset(pool, args.subset_rate, args.seed, args.defense_size)
 
 
 def _run_name(args):

@@ -6,7 +6,7 @@ cross-entropy on 2% of the clean training set (1,000 CIFAR-10 images), 5 of them
 labelled as the target; all layers, SGD lr 0.01, momentum 0.9, batch 128, 5 epochs; then measure the ASR again. A
 defense that removed the backdoor keeps a low ASR; one that only hid it sees it come back.
 
-Here the labelled set is a fixed seeded subset of ``--dataset``'s training split (``retune_set``); the poisoned
+Here the labelled set is a fixed seeded subset of ``--dataset``'s training split (``helper.data.inputs.retune_set``); the poisoned
 images are its first ``n_poison`` non-target images in that order, stamped with the run's trigger (``--trigger_dir``'s
 when given) after crop+flip, as ``helper.attacks.poison`` poisons its training sets, so they carry exactly the trigger the
 ASR is measured with (the public code stores its poisoned images and does not augment them). The model given is
@@ -17,28 +17,9 @@ import time
 
 import torch
 
-from helper.attacks.poison import POISON_SEED_OFFSET, labelled_batches, poisoned_labels, poisoned_step
-from helper.data.images import Split
-from helper.run.errors import UserError
+from helper.attacks.poison import labelled_batches, poisoned_step
 from helper.train.engine import run_epoch
 from helper.train.evaluate import evaluate
-
-
-def retune_set(split, n_images, n_poison, target, seed):
-    """``(Split of n_images labelled images, a bool flag per image: stamp the trigger)``: the first ``n_images`` of a
-    permutation drawn from ``torch.Generator().manual_seed(seed + POISON_SEED_OFFSET)``; the first ``n_poison`` of them whose label is not
-    ``target`` are flagged and relabelled to ``target``. Too few images is a UserError naming the flag."""
-    if n_images > len(split):
-        raise UserError(f"--retune_images {n_images}: the training split of --dataset has {len(split)} images")
-    # not ``seed`` itself, which draws the defense subset (the same images with --finetune_in_out in)
-    generator = torch.Generator().manual_seed(seed + POISON_SEED_OFFSET)
-    subset = split.subset(torch.randperm(len(split), generator=generator)[:n_images])
-    candidates = (subset.y != int(target)).nonzero().flatten()
-    if len(candidates) < n_poison:
-        raise UserError(f"--retune_poison {n_poison}: only {len(candidates)} of the {n_images} re-tuning images are "
-                        f"not of the target class")
-    labels, stamp = poisoned_labels(subset.y, candidates[:n_poison], target)
-    return Split(subset.x, labels), stamp
 
 
 def retune(model, data, stamp, pattern, mask, epochs=5, lr=0.01, momentum=0.9, batch_size=128, seed=0, amp=None,

@@ -27,7 +27,7 @@ from helper.data.images import to_float
 from helper.data.teacher_dir import has_trigger, load_trigger
 from helper.data.trigger import apply_trigger
 from helper.defenses.nc import SCAN_BATCH, SCAN_IMAGES, add_inversion_args, check_inversion, inversion_kw, threshold_of
-from helper.jobs.distill import load_data
+from helper.data.inputs import load_data
 from helper.report.plot import plot_scan
 from helper.run.checkpoint import load_model
 from helper.run.cli import add_data_args, add_output_args, add_system_args

@@ -19,13 +19,13 @@ from helper.attacks.poison import (
     clean_metrics,
     make_trigger,
     poison_index,
-    poisoned_labels,
     stamp_batch,
 )
 from helper.data.images import Split, synthetic_split
+from helper.data.inputs import retune_set
 from helper.data.teacher_dir import read_teacher, teacher_attack
-from helper.data.trigger import apply_trigger
-from helper.jobs.retune import retune, retune_set
+from helper.data.trigger import apply_trigger, poisoned_labels
+from helper.jobs.retune import retune
 from helper.train.evaluate import EvalSet, evaluate
 from models import resnet18
 from tests.conftest import TEST_WIDTH, write_teacher_dir
