@@ -20,8 +20,12 @@ import shutil
 import sys
 import time
 
+from helper.attacks import adba as attack
 from helper.attacks.options import get_attack_parser
 from helper.defenses.options import defense_parser
+from helper.jobs import distill
+from helper.jobs.auto import run_auto
+from helper.report.plot import plt, save_figure  # matplotlib with the Agg backend
 from helper.run.runlog import make_run_dir, read_jsonl, write_json
 
 # Sizes of the demo, for a 2-core CPU. The attack uses a larger trigger learning rate and a smaller miu
@@ -89,7 +93,6 @@ def format_table(rows):
 
 def plot_demo(table, curves, path):
     """A bar chart of the table and the Acc/ASR curves of each distillation (``curves``: (name, log rows)); PNG."""
-    from helper.report.plot import plt, save_figure  # matplotlib with the Agg backend
     cols = 3
     rows_n = -(-(1 + len(curves)) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.3 * cols, 4 * rows_n), squeeze=False)
@@ -121,8 +124,6 @@ def run_demo(args, sizes=None, out=print):
 
     ``sizes`` overrides entries of ``DEMO`` (the tests run a tiny version). Returns demo_results.json's dict.
     """
-    from helper.attacks import adba as attack
-    from helper.jobs import distill
     d = {**DEMO, **(sizes or {})}
     start = time.time()
     out_dir = make_run_dir(args.output_dir, name="demo" + (f"-{args.msg}" if args.msg else ""))
@@ -188,7 +189,6 @@ def run_demo(args, sizes=None, out=print):
 def _run_auto(args, teacher_dir, out_dir, d, n_steps, out):
     """Step 3: ``--defense auto`` on ``handed/`` (the teacher's checkpoint.pkl alone); (auto's results, its
     defense run's results). The attack's trigger is named by ``--trigger_dir`` for the ASR and nothing else."""
-    from helper.jobs.auto import run_auto
     handed = os.path.join(out_dir, "handed")
     os.makedirs(handed, exist_ok=True)
     shutil.copy(os.path.join(teacher_dir, "checkpoint.pkl"), os.path.join(handed, "checkpoint.pkl"))

@@ -6,7 +6,7 @@ from helper.data.inputs import load_inputs
 from helper.data.teacher_dir import teacher_attack, write_teacher
 from helper.data.trigger import inert_trigger_warning, trigger_stats
 from helper.defenses import DEFENSES
-from helper.defenses.options import check_args
+from helper.defenses.options import check_args, defense_parser
 from helper.jobs.retune import retune_results
 from helper.report.aggregate import asr_last10
 from helper.report.attention import write_run_attention
@@ -33,7 +33,6 @@ def _metrics_line(label, m):
 
 def parser_defaults(args):
     """The defaults of the run's defense's flags (what a flag newer than a resumed run was, in effect)."""
-    from helper.defenses.options import defense_parser
     argv = ["--defense", args.defense]
     return vars(defense_parser(argv).parse_args(argv))
 

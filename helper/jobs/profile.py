@@ -11,7 +11,9 @@ from collections import OrderedDict
 import torch
 
 from helper.data import images as D
+from helper.defenses import DEFENSES
 from helper.defenses.asd import Distiller
+from helper.defenses.options import defense_parser
 from helper.jobs.reference import reference_loader
 from helper.run.system import autocast
 from helper.train.engine import image_epoch
@@ -63,8 +65,6 @@ def defense_throughput(name, teacher, images, warmup_images, batch_size, mem_for
     after an epoch over ``warmup_images``; the student is a fresh copy of ``teacher``. A defense's one-off
     set-up (``prepare`` and ``stages``: Neural Cleanse's inversion, ibau's mask trigger on the teacher) is not in the
     figure: ``(images/s, seconds of set-up)``."""
-    from helper.defenses import DEFENSES
-    from helper.defenses.options import defense_parser
     argv = ["--defense", name, "--seed", str(seed), *flags]
     args = defense_parser(argv).parse_args(argv)
     student = copy.deepcopy(teacher).requires_grad_(True)

@@ -14,6 +14,9 @@ the ASD method, drawn from the package's own schedule (``helper.train.schedule``
 import argparse
 import json
 import os
+import re
+
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 
 from helper.data import images as D
 from helper.data.teacher_dir import load_trigger, read_teacher
@@ -28,6 +31,7 @@ from helper.report.attention import (
     unit_range,
 )
 from helper.report.plot import plot_attention, plot_trigger, plt, save_figure
+from helper.report.table import cell_summary
 from helper.run.checkpoint import load_model
 from helper.run.errors import UserError, exits_cleanly
 from helper.run.runlog import read_jsonl
@@ -80,7 +84,6 @@ def defense_label(run):
 def folder_label(folder):
     """A run folder's short name: its own, with the arm for a grid run (``grid/asd-bn-n5000/seed0`` ->
     ``asd-bn seed0``)."""
-    import re
     path = os.path.normpath(folder)
     name, parent = os.path.basename(path), os.path.basename(os.path.dirname(path))
     arm = re.fullmatch(r"(.+)-n\d+", parent)
@@ -182,7 +185,6 @@ BLOCKS = [f"layer{g}.{b}" for g in range(1, 5) for b in range(2)]
 
 def _box(ax, x, y, w, h, text="", edge="k", face="white", size=10, weight="normal", lw=1.4, style="round,pad=0.3",
          **text_kw):
-    from matplotlib.patches import FancyBboxPatch
     ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=style, edgecolor=edge, facecolor=face, lw=lw, zorder=2))
     if text:
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, weight=weight, zorder=3,
@@ -191,7 +193,6 @@ def _box(ax, x, y, w, h, text="", edge="k", face="white", size=10, weight="norma
 
 def _arrow(ax, points, color="k", lw=1.5, head=True, ls="-"):
     """A polyline through ``points`` with an arrow head at the last point."""
-    from matplotlib.patches import FancyArrowPatch
     xs, ys = zip(*points)
     if len(points) > 2:
         ax.plot(xs[:-1], ys[:-1], color=color, lw=lw, ls=ls, zorder=1, solid_capstyle="butt")
@@ -252,7 +253,6 @@ def draw_framework(out=FRAMEWORK_PNG, epochs=60, dpi=130):
     _arrow(ax, [(7.25, my - 8.3), (7.25, sy), (x0 - 9.3, sy)], "0.3")
 
     # ASL between each pair of hooked convolutions, collected into L_ASL
-    from matplotlib.patches import Circle
     asl_x = hx - 1.5
     ax.plot([t_links[0][0], asl_x + 1], [my, my], color=ASL_C, lw=2.0, zorder=1)
     for (xt, yt), (xs, ys) in zip(t_links, s_links):
@@ -349,7 +349,6 @@ def grid_cells_of(folder, cells=None, seeds=None):
     """The table entries (``helper.report.table.cell_summary``) of one teacher's folder of a ``reproduce.py`` grid,
     read from its finished runs (``CELL-nN/seedS/results.json``), whichever invocations made them: ``cells`` only
     these cell or arm names, ``seeds`` only these seeds."""
-    from helper.report.table import cell_summary
     entries = []
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
         cell, _, n = name.rpartition("-n")

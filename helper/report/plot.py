@@ -3,9 +3,12 @@ import math
 import textwrap
 
 import matplotlib
+import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
-from helper.run.runlog import atomic_write
 from helper.data.metrics import psnr, ssim
+from helper.run.runlog import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -168,9 +171,6 @@ def plot_attention(images, row_labels, columns, path, region=None, outlined=None
     white on the rows where ``outlined[i]`` is true. ``separators``: indices into ``columns`` before which a wider
     gap is left (blocks of columns).
     """
-    import numpy as np
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
 
     n, h, w = len(images), images.shape[-2], images.shape[-1]
     gap, wide = 2, 10
