@@ -32,7 +32,8 @@ from helper.report.plot import plot_scan
 from helper.run.checkpoint import load_model
 from helper.run.cli import add_data_args, add_output_args, add_system_args
 from helper.run.errors import UserError
-from helper.run.runlog import atomic_torch_save, make_run_dir, write_json
+from helper.run.lifecycle import Life
+from helper.run.runlog import atomic_torch_save, write_json
 from helper.run.system import run_environment, setup
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import INVERTED, STATISTICS, MaskPattern, Universal, anomaly_index, flagged_classes, invert_all
@@ -134,8 +135,7 @@ def run_scan(args, out=print, checkpoint="checkpoint.pkl"):
     for p in model.parameters():
         p.requires_grad_(False)
     images = to_float(load_data(args)[2].x[:args.nc_images]).to(device)
-    out_dir = make_run_dir(args.output_dir, name="scan" + (f"-{args.msg}" if args.msg else ""))
-    write_json(os.path.join(out_dir, "args.json"), {**vars(args), **run_environment(device, amp)})
+    out_dir = Life.open(args, "scan", {**vars(args), **run_environment(device, amp)}, out, device=device).folder
     out(f"scan of {args.read_dir}: {len(images)} defense images, families {', '.join(args.families)}; into {out_dir}")
     start = time.time()
     found, summaries, said, target = scan_model(model, images, {n: family(n, args) for n in args.families},

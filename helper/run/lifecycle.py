@@ -1,4 +1,5 @@
-"""One run's life, the same for a defense run (``helper.jobs.distill``) and an attack (``helper.attacks``):
+"""One run's life, the same for a defense run (``helper.jobs.distill``) and an attack (``helper.attacks``); the scan
+(``helper.jobs.scan``, seconds long and not resumable) opens its folder with step 1 alone:
 
 1. ``Life.open``: the run folder made (args.json) or, with ``--resume``, the unfinished one checked and reopened
    (``helper.run.resume.open_or_resume``); a finished one raises ``Finished``;

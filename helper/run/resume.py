@@ -61,7 +61,7 @@ def open_or_resume(args, name, record, out=print, defaults=None, resolved=None, 
     ``torch.device``) a last.pt saved on another device type (``check_rng_device``), before anything in the
     folder changes. A finished run raises ``Finished``.
     """
-    if not args.resume:
+    if not getattr(args, "resume", False):  # a run without --resume (the scan has none): a new folder
         return open_run(args.output_dir, name, record, out), None
     folder = args.output_dir
     if folder is None:
