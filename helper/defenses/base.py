@@ -6,7 +6,7 @@ reproduce.py know it; docs/adding.md has a whole example). The engine (``helper.
 
 1. checks the run's flags (``check(args)``: each ``Option``'s range, then the defense's own rules), before any
    folder is made; the defense reads its own flags from ``self.config`` (``config_of(args)``: a frozen dataclass of
-   its Options' values) and the shared ones from ``self.args`` (``helper.defenses.options.run_config_of(args)``:
+   its Options' values) and the shared ones from ``self.args`` (``helper.defenses.run_options.run_config_of(args)``:
    the frozen ``RunConfig`` of the flags no defense owns);
 2. builds the student (the teacher's weights, or fresh ones with ``--using_checkpoint 0``);
 3. calls ``prepare(student)`` (BCU re-initialises part of it) and records what it returns;
@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from helper.data.images import to_float
+from helper.defenses.run_options import run_config_of
 from helper.run.cli import check_options
 from helper.run.errors import UserError
 from helper.run.system import autocast, use_compile
@@ -148,7 +149,6 @@ class Defense:
     def __init__(self, args, teacher, device, amp, n_defense, images=None):
         # ``images``: the defense images (uint8 N x 3 x 32 x 32 on the device, as ``image_epoch`` takes them),
         # for a defense that looks at the data before training (ASD's --shift dormant, Fine-Pruning)
-        from helper.defenses.options import run_config_of  # options.py imports this package: a cycle at the top
         self.config = self.config_of(args)  # the defense's own flags, typed
         self.args = run_config_of(args)  # the shared run options, typed: no defense's own flag is among them
         self.teacher, self.device, self.amp, self.images = teacher.eval(), device, amp, images

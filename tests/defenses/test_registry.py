@@ -182,7 +182,7 @@ def test_the_shared_run_options_are_one_frozen_typed_object_with_no_defenses_fla
     reading its own flag (or another's) from it fails instead of reading the namespace (nc did, until this test)."""
     import dataclasses
 
-    from helper.defenses.options import MODEL, OPTIMISATION, RETUNING, run_config_class, run_config_of
+    from helper.defenses.run_options import MODEL, OPTIMISATION, RETUNING, run_config_class, run_config_of
     fields = {f.name: f.type for f in dataclasses.fields(run_config_class())}
     assert {o.dest for o in MODEL + OPTIMISATION + RETUNING} <= set(fields)
     assert {"seed", "device", "read_dir", "dataset", "output_dir", "epoch", "defense"} <= set(fields)
@@ -192,5 +192,7 @@ def test_the_shared_run_options_are_one_frozen_typed_object_with_no_defenses_fla
     argv = ["--defense", "ibau", "--epoch", "7", "--adv_radius", "4"]
     run = run_config_of(distri.defense_parser(argv).parse_args(argv))
     assert run.epoch == 7 and run.defense == "ibau" and not hasattr(run, "ibau_radius")
+    # the shared parser RunConfig is made of is distri.py's parser without a defense's group
+    assert set(fields) == {a.dest for a in get_args_parser(defense="kd")._actions if a.option_strings} - {"help"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.epoch = 1
