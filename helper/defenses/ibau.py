@@ -35,6 +35,13 @@ mask-and-pattern trigger of ``c`` (``x (1 - m) + p m``), inverted on the teacher
 every ``N`` epochs (warm-started), stamped on ``--adv_mask_share`` of every clean batch, whose KD target stays the
 teacher's answer on the clean image (``--defense nc``'s unlearning, beside the universal delta).
 
+``--freeze_bn always`` runs every forward of the student in eval mode (its running statistics, frozen): the student
+is trained as it is evaluated. Where the defense images' batch statistics are far from the teacher's running ones
+(the demo's synthetic images: ``helper.jobs.auto.bn_mismatch``), train mode made the student answer one class after
+an epoch whatever the radius, even with the student's own clean answer as the unlearning term's label; in eval mode
+it keeps KD's accuracy, with ``--clip_grad 1`` (without, the loss is not finite in the first epoch: the inverted
+triggers move the eval-mode student's answers far at once). Measured in docs/experiments.md.
+
 Defaults: SGD 0.01, momentum 0.9, weight decay 5e-4, cosine, batch 128 (the fine-tuning recipe that kept
 the student's accuracy in docs/experiments.md); I-BAU's own outer optimiser (Adam 1e-3) drove
 ABD's student off on the same setup. ``--ibau_radius`` 3 (an ADBA trigger at the paper's 24.5 dB changes an
@@ -144,6 +151,12 @@ class IBAU(Defense):
                "target stays the teacher's answer on the clean image (0: off)", type=int, range=NONNEGATIVE),
         Option("--adv_mask_share", 0.2, "with --adv_mask_every: the share of every batch that carries the inverted "
                "mask trigger", range=UNIT),
+        Option("--freeze_bn", "never", "the student's batch norm through the whole step: never (train mode: each "
+               "batch's own statistics, the clean batch's updating the running ones) or always (eval mode: the running "
+               "statistics, frozen; the student is trained as it is evaluated, the perturbed pass too, --adv_bn "
+               "aside). --defense auto picks always where the teacher's answers under the defense images' batch "
+               "statistics are far from its answers under its running ones", type=str, choices=("never", "always")),
+        Option("--clip_grad", 0.0, "clip each step's gradient to this total L2 norm (0: off)", range=NONNEGATIVE),
     )
 
     @classmethod
@@ -153,6 +166,9 @@ class IBAU(Defense):
             raise UserError("--adv_start needs --adv_target: the class whose inverted trigger delta starts from")
         if args.adv_mask_every and args.adv_target is None:
             raise UserError("--adv_mask_every needs --adv_target: the class whose mask trigger is inverted")
+        if args.freeze_bn == "always" and args.adv_bn == "shared":
+            raise UserError("--freeze_bn always keeps the running statistics frozen; --adv_bn shared updates them "
+                            "from the perturbed images: choose one")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -192,7 +208,8 @@ class IBAU(Defense):
         def clean(x):  # the clean batch the student's KD term sees: a share stamped with the mask trigger
             return stamp_share(x, c.adv_mask_share, self.family, self.mask_params) if c.adv_mask_every else x
         fused = c.adv_search == "student" and c.adv_target is None
-        perturbed_mode = PERTURBED_BN["eval" if c.adv_bn == "shared" else c.adv_bn]
+        frozen = c.freeze_bn == "always"  # every forward of the student in eval mode, the perturbed pass's too
+        perturbed_mode = PERTURBED_BN["eval" if c.adv_bn == "shared" or frozen else c.adv_bn]
 
         def climb(x, t_clean, times):
             for _ in range(times):
@@ -211,6 +228,10 @@ class IBAU(Defense):
                 self.delta = project(ascent_step(self.delta, g, c.ibau_lr), c.ibau_radius)
 
         def step(x):
+            with eval_mode(student) if frozen else contextlib.nullcontext():
+                return unlearning_step(x)
+
+        def unlearning_step(x):
             t = self.logits(self.teacher, x)
             climbs = self.steps % c.adv_every == 0
             self.steps += 1
@@ -231,7 +252,7 @@ class IBAU(Defense):
                     s_pert = self.logits(student, stamp(x, d))
             kd = self.kd(s, t)
             loss, unlearn = universal_unlearning_loss(kd, s_pert, t, c.adv_beta)
-            optimizer_step(optimizer, loss)
+            optimizer_step(optimizer, loss, c.clip_grad)
             if ride:  # the student's backward gave delta's gradient too: its last ascent step
                 self.delta = project(ascent_step(self.delta, d.grad, c.ibau_lr), c.ibau_radius)
             return {"kd_loss": kd.detach(), "unlearn": unlearn.detach()}

@@ -1,7 +1,9 @@
 """``python distri.py --demo``: the whole story offline on synthetic data — attack, plain KD, ASD, an unlearning
 defense, and ``--defense auto`` on the teacher handed over without its trigger — in one folder.
 
-1. adba.py's attack trains a small ADBA teacher on the synthetic 10-class task (``synthetic_split('task')``);
+1. adba.py's attack trains a small ADBA teacher on the synthetic 10-class task (``synthetic_split('task')``), and
+   ``--attack none`` a clean one the same way, whose ASR under the ADBA trigger is the floor a removal is read
+   against (a clean model sends some triggered images to the target too);
 2. distri.py distils it on out-of-distribution synthetic images (``synthetic_split('ood')``: 100 other
    prototypes, finer gratings, every image a mixture of two) with each of ``STUDENTS``: plain KD
    (``--ratio_type fix``), ASD (``--ratio_type scheduler``) and adversarial unlearning (``--defense ibau``),
@@ -20,8 +22,8 @@ import shutil
 import sys
 import time
 
-from helper.attacks import adba as attack
-from helper.attacks.options import get_attack_parser
+from helper.attacks import ATTACKS
+from helper.attacks.options import attack_parser
 from helper.defenses.options import defense_parser
 from helper.jobs import distill
 from helper.jobs.auto import run_auto
@@ -51,12 +53,16 @@ def _eval_batch_argv(args):
     return [] if args.eval_batch_size is None else ["--eval_batch_size", str(args.eval_batch_size)]
 
 
-def _attack_argv(args, out_dir, d):
+def _attack_argv(args, out_dir, d, clean_against=None):
+    """adba.py's arguments for the demo's ADBA teacher, or with ``clean_against`` (the ADBA teacher's folder) for a
+    clean teacher trained the same way (``--attack none``, without ADBA's own flags), measured with that trigger."""
+    own = (["--attack", "none", "--trigger_dir", clean_against] if clean_against else
+           ["--trigger_lr", str(d["trigger_lr"]), "--miu", str(d["miu"]), "--consolidation_epochs",
+            str(d["consolidation_epochs"])])
     return ["--dataset", "synthetic", "--synthetic_seed", str(args.synthetic_seed),
             "--synthetic_train", str(d["n_train"]), "--synthetic_test", str(d["n_test"]),
-            "--width", str(d["width"]), "--epochs", str(d["attack_epochs"]),
-            "--consolidation_epochs", str(d["consolidation_epochs"]), "--lr", str(d["attack_lr"]),
-            "--trigger_lr", str(d["trigger_lr"]), "--miu", str(d["miu"]), "--target_label", str(args.target_label),
+            "--width", str(d["width"]), "--epochs", str(d["attack_epochs"]), "--lr", str(d["attack_lr"]),
+            *own, "--target_label", str(args.target_label),
             "--seed", str(args.seed), "--device", args.device, "--amp", args.amp,
             "--output_dir", out_dir, "--no_progress"] + _eval_batch_argv(args)
 
@@ -69,6 +75,13 @@ STUDENTS = (("KD", "kd", ["--defense", "asd", "--ratio_type", "fix"]),
 
 
 AUTO = ("auto", "auto")  # (name, folder) of step 3: the teacher handed over without its trigger
+CLEAN, FLOOR = "clean", "clean teacher (floor)"  # step 1's clean teacher: its folder and its row
+
+
+def _attack(argv, out):
+    """adba.py's run of ``argv``: the attack it names (``ATTACKS``), its results."""
+    args = attack_parser(argv).parse_args(argv)
+    return ATTACKS[args.attack].run(args, out=out)
 
 
 def _distill_argv(args, teacher_dir, out_dir, flags, d):
@@ -133,9 +146,11 @@ def run_demo(args, sizes=None, out=print):
     n_steps = 2 + len(STUDENTS)
 
     out(f"\n== 1/{n_steps} ADBA teacher: width {d['width']}, {d['n_train']} synthetic images, "
-        f"{d['attack_epochs']} + {d['consolidation_epochs']} epochs ==")
+        f"{d['attack_epochs']} + {d['consolidation_epochs']} epochs; a clean teacher the same way (the floor) ==")
     t0 = time.time()
-    teacher = attack.run(get_attack_parser().parse_args(_attack_argv(args, teacher_dir, d)), out=out)
+    teacher = _attack(_attack_argv(args, teacher_dir, d), out)
+    clean_dir = os.path.join(out_dir, CLEAN)
+    clean = _attack(_attack_argv(args, clean_dir, d, clean_against=teacher_dir), out)
     times = {"attack_s": round(time.time() - t0, 1)}
 
     results = {}
@@ -150,7 +165,8 @@ def run_demo(args, sizes=None, out=print):
     times["total_s"] = round(time.time() - start, 1)
 
     name_auto = f"auto ({auto['choice'][1]}) student"
-    table = ([("ADBA teacher", teacher)] + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
+    table = ([("ADBA teacher", teacher), (FLOOR, clean)]
+             + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
              + [(name_auto, auto_run)])
     summary = {name: {k: m[k] for k in ("acc", "asr", "asr_nontarget")} for name, m in table}
     for name, m in [(f"{name} student", results[name]) for name, _, _ in STUDENTS] + [(name_auto, auto_run)]:
@@ -160,7 +176,8 @@ def run_demo(args, sizes=None, out=print):
     demo = {"table": summary, "trigger": {k: teacher[k] for k in ("psnr", "ssim", "mask_l1", "mask_share",
                                                                   "trigger_vanished")},
             "teacher_target_rate_clean": teacher["target_rate_clean"], "sizes": d, "times_s": times,
-            "seed": args.seed, "folders": {"teacher": teacher_dir, **{f: folders[n] for n, f, _ in STUDENTS},
+            "seed": args.seed, "folders": {"teacher": teacher_dir, CLEAN: clean_dir,
+                                           **{f: folders[n] for n, f, _ in STUDENTS},
                                            AUTO[1]: os.path.join(out_dir, AUTO[1])}}
     write_json(os.path.join(out_dir, "demo_results.json"), demo)
     plot_demo(table, [(name, read_jsonl(os.path.join(folders[name], "log.jsonl"))) for name, _, _ in STUDENTS]
@@ -176,11 +193,13 @@ def run_demo(args, sizes=None, out=print):
     else:
         out(f"trigger: PSNR {teacher['psnr']:.2f} dB, SSIM {teacher['ssim']:.4f}; clean non-target test images the "
             f"teacher sends to the target anyway: {teacher['target_rate_clean']:.4f}")
+    out(f"the floor: a clean teacher trained the same way sends {clean['asr_nontarget']:.4f} of the triggered "
+        f"non-target images to the target; a removal is an ASR non-target near it")
     out(f"auto saw only handed/checkpoint.pkl: scan verdict {auto['verdict']}"
         + (f", target class {auto['target']}" if auto["target"] is not None else "")
         + f", ran {' '.join(auto['choice'])}; its ASR is measured with the attack's trigger, which it never read")
     out("time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items()))
-    out(f"written to {out_dir} (demo_results.json, demo.png; teacher/, "
+    out(f"written to {out_dir} (demo_results.json, demo.png; teacher/, {CLEAN}/, "
         + ", ".join(f"{f}/" for _, f, _ in STUDENTS) + f" are ordinary run folders, {AUTO[1]}/ an auto folder)")
     sys.stdout.flush()
     return demo

@@ -186,6 +186,32 @@ def test_every_ascent_step_sees_the_same_student(mode):
     assert torch.allclose(d.delta, expected, rtol=1e-4, atol=1e-5)  # two backward paths: summation order differs
 
 
+def test_freeze_bn_always_trains_the_student_in_eval_mode_with_its_gradient_clipped(monkeypatch):
+    """``--freeze_bn always``: every forward of the student in the step (clean, perturbed, the targeted climb and
+    the mask trigger's) runs in eval mode, the running statistics stay as they were, the student is back in train
+    mode after the step; ``--clip_grad`` reaches the optimisation step."""
+    import helper.defenses.ibau as ibau
+    clips = []
+    real = ibau.optimizer_step
+    monkeypatch.setattr(ibau, "optimizer_step", lambda opt, loss, clip=0.0: clips.append(clip) or real(opt, loss, clip))
+    x = torch.rand(16, 3, 32, 32)
+    d, stage, _, student = _ibau(["--freeze_bn", "always", "--clip_grad", "0.5", "--adv_search", "student",
+                                  "--adv_target", "2", "--adv_init", "1"])
+    modes = []
+    student.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    before = _bn_stats(student)
+    student.train()
+    stage.step(x)
+    assert modes and not any(modes) and student.training and clips == [0.5]
+    assert all(torch.equal(before[k], v) for k, v in _bn_stats(student).items())
+    d2, stage2, _, student2 = _ibau(["--adv_search", "student", "--adv_target", "2", "--adv_init", "1"])
+    modes2 = []
+    student2.register_forward_hook(lambda m, i, o: modes2.append(m.training))
+    student2.train()
+    stage2.step(x)
+    assert all(modes2) and clips[-1] == 0.0  # the default: train mode, no clipping
+
+
 def test_frozen_bn_stats_normalises_by_the_batch_and_restores_everything():
     from helper.defenses.ibau import frozen_bn_stats
     bn = torch.nn.BatchNorm2d(3).eval()
@@ -335,6 +361,8 @@ def test_ibau_inverts_the_mask_trigger_on_the_teacher_then_on_the_student_every_
     (["--defense", "ibau", "--adv_beta", "-1"], "--adv_beta must be >= 0, not -1.0"),
     (["--defense", "ibau", "--adv_start", "somewhere"], "--adv_start needs --adv_target"),
     (["--defense", "ibau", "--adv_mask_every", "2"], "--adv_mask_every needs --adv_target"),
+    (["--defense", "ibau", "--freeze_bn", "always", "--adv_bn", "shared"], "--freeze_bn always keeps the running"),
+    (["--defense", "ibau", "--clip_grad", "-1"], "--clip_grad must be >= 0, not -1.0"),
     (["--defense", "ibau", "--adv_target", "0", "--adv_mask_every", "1", "--adv_mask_share", "2"],
      "--adv_mask_share must be in [0, 1], not 2.0"),
     (["--defense", "renofeation", "--reno_swa_start", "1.5"], "--reno_swa_start must be a fraction in [0, 1) or a whole"),

@@ -21,6 +21,35 @@ def test_choice_follows_the_verdict():
     assert flags == ["--defense", "ibau", "--adv_search", "teacher", "--ibau_radius", "6", "--adv_every", "4",
                      "--adv_mask_every", "2", "--adv_target", "7"]
     assert "class 7" in why
+    frozen, why = auto.choose("backdoored", 7, mismatch=auto.BN_MISMATCH_MAX + 0.1)
+    assert frozen == flags + ["--freeze_bn", "always", "--clip_grad", "1", "--adv_beta", "3"] and "eval mode" in why
+    assert auto.choose("backdoored", 7, mismatch=auto.BN_MISMATCH_MAX)[0] == flags
+    assert auto.choose("no backdoor found", None, mismatch=9.0)[0] == ["--defense", "kd"]  # a clean teacher: KD
+
+
+def test_bn_mismatch_by_hand():
+    """One batch-norm and a linear read-out: the mismatch is KL(softmax of the running-statistics answer ||
+    softmax of the batch-statistics answer), image by image, averaged over the images of every batch; 0 where the
+    running statistics are the batch's; the running statistics and the mode are left as they were."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(3 * 2 * 2, 4)).eval()
+    bn = model[0]
+    bn.running_mean.fill_(0.5)
+    bn.running_var.fill_(2.0)
+    x = torch.randn(6, 3, 2, 2) * 3 + 1
+    by_hand = 0.0
+    for xb in (x[:4], x[4:]):  # batches of 4: 4 images, then 2
+        run = model[2](((xb - 0.5) / (2.0 + bn.eps) ** 0.5).flatten(1))
+        mean, var = xb.mean((0, 2, 3), keepdim=True), xb.var((0, 2, 3), unbiased=False, keepdim=True)
+        own = model[2](((xb - mean) / (var + bn.eps).sqrt()).flatten(1))
+        p, q = torch.softmax(run, 1), torch.softmax(own, 1)
+        by_hand += float((p * (p.log() - q.log())).sum())
+    got = auto.bn_mismatch(model, x, 4)
+    assert got == pytest.approx(by_hand / 6, rel=1e-4) and got > 0.01
+    assert not model.training and float(bn.running_var[0]) == 2.0
+    bn.running_mean.copy_(x.mean((0, 2, 3)))
+    bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+    assert auto.bn_mismatch(model, x, 6) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_split_takes_out_the_scan_flags_and_the_defense():
@@ -38,7 +67,8 @@ def test_suspect_is_the_target_else_the_smallest_mask_trigger():
 
 def test_auto_on_a_folder_with_only_its_checkpoint(tmp_path, capsys):
     """Without a trigger the run is measured with the scan's inverted mask trigger of the suspected class, copied
-    into scan-teacher/, towards that class; results.json says which defense ran, why, and what both scans found."""
+    into scan-teacher/, towards that class; results.json says which defense ran, why, what both scans found and
+    the teacher's batch-norm mismatch on the defense images."""
     teacher = write_teacher_dir(tmp_path / "teacher")
     for name in ("pattern.pt", "mask.pt"):
         os.remove(os.path.join(teacher, name))
@@ -49,7 +79,8 @@ def test_auto_on_a_folder_with_only_its_checkpoint(tmp_path, capsys):
     teacher_scan = json.loads((out / "scan-teacher" / "scan.json").read_text())
     assert saved["verdict"] == teacher_scan["verdict"] and saved["target"] == teacher_scan["target"]
     c = saved["suspect"]
-    assert saved["choice"] == auto.choose(saved["verdict"], saved["target"])[0]
+    assert saved["bn_mismatch"] >= 0
+    assert saved["choice"] == auto.choose(saved["verdict"], saved["target"], saved["bn_mismatch"])[0]
     assert saved["measured_with"] == f"the scan's inverted mask trigger of class {c}"
     run_args = json.loads((out / saved["choice"][1] / "args.json").read_text())
     assert run_args["target_label"] == c and run_args["trigger_dir"] == str(out / "scan-teacher")
@@ -63,6 +94,22 @@ def test_auto_on_a_folder_with_only_its_checkpoint(tmp_path, capsys):
     assert json.loads((out / "scan-student" / "scan.json").read_text())["checkpoint"] == "selected.pkl"
     assert set(saved["index_of_suspect"]) == set(saved["share_to_suspect"]["student"]) == {"mask"}  # the default family
     assert "holds no trigger" in capsys.readouterr().out
+
+
+def test_a_backdoored_verdict_on_far_defense_images_trains_in_eval_mode(tmp_path, monkeypatch, capsys):
+    """The choice reaches the run: a flagged class (here forced) with the teacher's batch-norm mismatch above the
+    limit (here any) runs ibau's recipe with --freeze_bn always --clip_grad 1, and says why."""
+    monkeypatch.setattr(auto, "verdict_of", lambda scan: ("backdoored", 3))
+    monkeypatch.setattr(auto, "BN_MISMATCH_MAX", -1.0)
+    teacher = write_teacher_dir(tmp_path / "teacher")
+    out = tmp_path / "auto"
+    saved = distri.main(fast_flags(teacher, out, epochs=1) + ["--defense", "auto"] + SCAN)
+    assert saved["choice"][-8:] == ["--adv_target", "3", "--freeze_bn", "always", "--clip_grad", "1", "--adv_beta", "3"]
+    assert f"differ by {saved['bn_mismatch']:.2f} nats" in saved["why"] and saved["bn_mismatch"] > 0
+    run_args = json.loads((out / "ibau" / "args.json").read_text())
+    assert (run_args["freeze_bn"], run_args["clip_grad"], run_args["adv_beta"], run_args["adv_target"]) == \
+        ("always", 1.0, 3.0, 3)
+    assert "train in eval mode above -1.0" in capsys.readouterr().out
 
 
 def test_auto_with_a_clean_verdict_runs_plain_kd_and_measures_the_folder_trigger(tmp_path, monkeypatch, capsys):

@@ -13,11 +13,19 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
     out = tmp_path / "demo"
     result = distri.main(["--demo", "--output_dir", str(out), "--device", "cpu", "--eval_batch_size", "64"])
     for name in ("demo_results.json", "demo.png", "teacher/checkpoint.pkl", "teacher/results.json",
+                 "clean/checkpoint.pkl", "clean/results.json",
                  *(f"{folder}/{f}" for _, folder, _ in demo.STUDENTS for f in ("results.json", "curves.png"))):
         assert os.path.isfile(out / name), name
     saved = json.load(open(out / "demo_results.json"))
     auto = [k for k in saved["table"] if k.startswith("auto (")]
-    assert set(saved["table"]) == {"ADBA teacher", *(f"{name} student" for name, _, _ in demo.STUDENTS), *auto}
+    assert set(saved["table"]) == {"ADBA teacher", demo.FLOOR, *(f"{name} student" for name, _, _ in demo.STUDENTS),
+                                   *auto}
+    # the floor: a clean teacher (--attack none) measured with the ADBA teacher's trigger
+    clean_args = json.load(open(out / "clean" / "args.json"))
+    assert (clean_args["attack"], clean_args["trigger_dir"]) == ("none", str(out / "teacher"))
+    clean = json.load(open(out / "clean" / "results.json"))
+    assert clean["attack"] == "none" and not os.path.exists(out / "clean" / "pattern.pt")  # trained clean
+    assert saved["table"][demo.FLOOR]["asr_nontarget"] == clean["asr_nontarget"]
     # the last step: auto on a folder holding the teacher's checkpoint alone, measured with the attack's trigger
     assert len(auto) == 1 and os.listdir(out / "handed") == ["checkpoint.pkl"]
     row = saved["table"][auto[0]]
