@@ -10,7 +10,7 @@ import torch
 
 from helper.data import images as D
 from helper.jobs import profile as P
-from helper.jobs.auto import RECIPE
+from helper.jobs.auto import EVAL_MODE, RECIPE
 from helper.jobs.reference import ReferenceStep
 from helper.run.cli import add_system_args
 from helper.run.system import amp_dtype, configure, eval_batch_size, memory_format, select_device, tf32_off, use_compile
@@ -19,7 +19,9 @@ from helper.run.system import amp_dtype, configure, eval_batch_size, memory_form
 # timed rows that are a defense with flags of its own: (defense, flags)
 VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"]),
             "ibau-target-every4": ("ibau", ["--adv_search", "teacher", "--adv_target", "0", "--adv_every", "4"]),
-            "auto": ("ibau", [*RECIPE, "--adv_target", "0"])}  # what --defense auto runs on a flagged class 0
+            "auto": ("ibau", [*RECIPE, "--adv_target", "0"]),  # what --defense auto runs on a flagged class 0
+            "auto-eval": ("ibau", [*RECIPE, "--adv_target", "0", *EVAL_MODE])}  # ... on defense images far from the
+# teacher's data (helper/jobs/auto.py: the student in eval mode)
 
 
 def get_args_parser():
@@ -40,7 +42,7 @@ def get_args_parser():
                    help="unlearning defenses whose own step is timed beside KD's (their defaults; nc's one-off "
                         "inversion is timed apart, per pass over its images for the 10 classes); a name of VARIANTS "
                         "is a defense with flags (ibau-target: ibau searching the teacher towards class 0; -every4: climbing on "
-                        "every 4th step; auto: --defense auto's recipe for a flagged class 0, its set-up the mask trigger's inversion on the teacher, which it repeats on the student every 2 epochs); none: "
+                        "every 4th step; auto: --defense auto's recipe for a flagged class 0, its set-up the mask trigger's inversion on the teacher, which it repeats on the student every 2 epochs; auto-eval: the same in eval mode, auto's choice on far defense images); none: "
                         "--defenses with no name")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--json", default=None, metavar="FILE", help="write the results to this JSON file")
