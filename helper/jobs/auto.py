@@ -185,7 +185,8 @@ def run_auto(args, argv, out=print):
     teacher_scan = scan_step(args, args.read_dir, os.path.join(root, TEACHER_SCAN), out)
     said, target = verdict_of(teacher_scan)
     teacher = load_model(os.path.join(args.read_dir, "checkpoint.pkl"), args.width).to(device)
-    mismatch = bn_mismatch(teacher, to_float(load_data(args)[2].x[:BN_IMAGES]).to(device), args.batch_size)
+    defense_images = load_data(args)[2].x  # the run's defense images (the scan's are their first nc_images)
+    mismatch = bn_mismatch(teacher, to_float(defense_images[:BN_IMAGES]).to(device), args.batch_size)
     out(f"auto: the teacher's answers under the defense images' batch statistics differ from its answers under its "
         f"running ones by {mismatch:.3f} nats (train in eval mode above {BN_MISMATCH_MAX})")
     flags, why = choose(said, target, mismatch)
@@ -207,7 +208,7 @@ def run_auto(args, argv, out=print):
     defended = distill.run(defense_parser(run_argv).parse_args(run_argv), out)
     student_scan = scan_step(args, run_dir, os.path.join(root, STUDENT_SCAN), out, checkpoint="selected.pkl")
     scan_ns = scan_args(args, None, None)
-    images = to_float(load_data(scan_ns)[2].x[:scan_ns.nc_images]).to(device)  # the scan's images, once
+    images = to_float(defense_images[:scan_ns.nc_images]).to(device)  # the scan's images, once
     families = {n: family(n, scan_ns) for n in scan_ns.families}
     shares = {who: share_on(os.path.join(folder, ckpt), os.path.join(root, TEACHER_SCAN), c, images, families,
                             args.width)
