@@ -62,13 +62,14 @@ from helper.train.engine import optimizer_step
 from helper.train.evaluate import eval_mode
 from helper.train.perturb import (MaskPattern, ascent_step, effect, input_grad, l2_norms, load_inverted, minimal_trigger,
                                   project, random_direction,
-                                  soft_kl, stamp)
+                                  class_kl, soft_kl, stamp)
 
 
-def universal_unlearning_loss(kd, s_pert, t_clean, beta):
+def universal_unlearning_loss(kd, s_pert, t_clean, beta, target=None):
     """``(kd + beta * D, D)``, ``D = KL(softmax t(x) || softmax s(x + delta))``: the student's loss, KD on the clean
-    batch plus the unlearning term, and the term alone (logged)."""
-    unlearn = soft_kl(t_clean, s_pert)
+    batch plus the unlearning term, and the term alone (logged). With ``target`` c, ``D`` is the binary KL of class
+    c's probability alone (``class_kl``)."""
+    unlearn = soft_kl(t_clean, s_pert) if target is None else class_kl(t_clean, s_pert, target)
     return kd + beta * unlearn, unlearn
 
 
@@ -156,6 +157,10 @@ class IBAU(Defense):
                "statistics, frozen; the student is trained as it is evaluated, the perturbed pass too, --adv_bn "
                "aside). --defense auto picks always where the teacher's answers under the defense images' batch "
                "statistics are far from its answers under its running ones", type=str, choices=("never", "always")),
+        Option("--adv_term", "full", "the student's unlearning term D on x + delta: full: KL(softmax t(x) || "
+               "softmax s(x + delta)) over every class; target (with --adv_target c): the binary KL of class c's "
+               "probability alone, the student free to answer any other class there", type=str,
+               choices=("full", "target")),
         Option("--clip_grad", 0.0, "clip each step's gradient to this total L2 norm (0: off)", range=NONNEGATIVE),
     )
 
@@ -166,6 +171,8 @@ class IBAU(Defense):
             raise UserError("--adv_start needs --adv_target: the class whose inverted trigger delta starts from")
         if args.adv_mask_every and args.adv_target is None:
             raise UserError("--adv_mask_every needs --adv_target: the class whose mask trigger is inverted")
+        if args.adv_term == "target" and args.adv_target is None:
+            raise UserError("--adv_term target needs --adv_target: the class whose probability the term keeps")
         if args.freeze_bn == "always" and args.adv_bn == "shared":
             raise UserError("--freeze_bn always keeps the running statistics frozen; --adv_bn shared updates them "
                             "from the perturbed images: choose one")
@@ -251,7 +258,8 @@ class IBAU(Defense):
                 with perturbed_mode(student):
                     s_pert = self.logits(student, stamp(x, d))
             kd = self.kd(s, t)
-            loss, unlearn = universal_unlearning_loss(kd, s_pert, t, c.adv_beta)
+            loss, unlearn = universal_unlearning_loss(
+                kd, s_pert, t, c.adv_beta, c.adv_target if c.adv_term == "target" else None)
             optimizer_step(optimizer, loss, c.clip_grad)
             if ride:  # the student's backward gave delta's gradient too: its last ascent step
                 self.delta = project(ascent_step(self.delta, d.grad, c.ibau_lr), c.ibau_radius)

@@ -10,7 +10,7 @@ import torch
 
 from helper.data import images as D
 from helper.jobs import profile as P
-from helper.jobs.auto import EVAL_MODE, RECIPE
+from helper.jobs.auto import EVAL_MODE, RECIPE, TRAIN_MODE
 from helper.jobs.reference import ReferenceStep
 from helper.run.cli import add_system_args
 from helper.run.system import amp_dtype, configure, eval_batch_size, memory_format, select_device, tf32_off, use_compile
@@ -19,7 +19,7 @@ from helper.run.system import amp_dtype, configure, eval_batch_size, memory_form
 # timed rows that are a defense with flags of its own: (defense, flags)
 VARIANTS = {"ibau-target": ("ibau", ["--adv_search", "teacher", "--adv_target", "0"]),
             "ibau-target-every4": ("ibau", ["--adv_search", "teacher", "--adv_target", "0", "--adv_every", "4"]),
-            "auto": ("ibau", [*RECIPE, "--adv_target", "0"]),  # what --defense auto runs on a flagged class 0
+            "auto": ("ibau", [*RECIPE, "--adv_target", "0", *TRAIN_MODE]),  # what --defense auto runs on a flagged class 0
             "auto-eval": ("ibau", [*RECIPE, "--adv_target", "0", *EVAL_MODE])}  # ... on defense images far from the
 # teacher's data (helper/jobs/auto.py: the student in eval mode)
 

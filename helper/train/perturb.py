@@ -68,6 +68,22 @@ def soft_kl(target_logits, logits):
     return (log_p.exp() * (log_p - F.log_softmax(logits.float(), 1))).sum(1).mean()
 
 
+def class_kl(target_logits, logits, c):
+    """The binary KL of one class's probability: with ``p = softmax(target)_c`` and ``q = softmax(logits)_c``,
+
+        p log(p / q) + (1 - p) log((1 - p) / (1 - q)),
+
+    per sample, batch mean; fp32; the target carries no gradient. The unlearning term restricted to a suspected
+    target class ``c``: the student's probability of ``c`` on a perturbed image against the teacher's on the clean
+    one, the other classes free to move among themselves."""
+    def split(z):  # (log p_c, log (1 - p_c)) from log-probabilities
+        rest = torch.cat([z[:, :c], z[:, c + 1:]], 1)
+        return z[:, c], torch.logsumexp(rest, 1)
+    log_p, log_not_p = split(F.log_softmax(target_logits.detach().float(), 1))
+    log_q, log_not_q = split(F.log_softmax(logits.float(), 1))
+    return (log_p.exp() * (log_p - log_q) + log_not_p.exp() * (log_not_p - log_not_q)).mean()
+
+
 def random_direction(shape, radius, generator, device="cpu"):
     """A random point on the L2 sphere of ``radius`` (per sample of dim 0), from a seeded ``generator``."""
     d = torch.randn(shape, generator=generator).to(device)

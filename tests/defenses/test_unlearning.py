@@ -10,7 +10,7 @@ import torch
 import distri
 from helper.defenses.ibau import self_retrospection_loss, universal_unlearning_loss
 from helper.defenses.nc import stamp_share
-from helper.train.perturb import MaskPattern, soft_kl, stamp
+from helper.train.perturb import MaskPattern, class_kl, soft_kl, stamp
 from tests.conftest import fast_flags, write_teacher_dir
 
 SMALL_NC = ["--nc_images", "32", "--nc_passes", "2", "--nc_batch", "32"]
@@ -98,6 +98,24 @@ def test_unlearning_losses_by_hand():
     assert soft_kl(t_pert, t_clean).item() == pytest.approx(1.2043, abs=1e-4)
 
 
+def test_the_target_term_is_the_binary_kl_of_the_target_class_by_hand():
+    # teacher p = (0.5, 0.25, 0.25), student q = (0.25, 0.25, 0.5): for class 0
+    # 0.5 log(0.5 / 0.25) + 0.5 log(0.5 / 0.75) = 0.5 log 2 + 0.5 log(2 / 3) = 0.5 log(4 / 3)
+    t = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    s = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    assert class_kl(t, s, 0).item() == pytest.approx(0.5 * torch.log(torch.tensor(4 / 3)).item(), rel=1e-5)
+    # class 1 has the same probability in both: no term, whatever the others do (the full KL is not zero)
+    assert class_kl(t, s, 1).item() == pytest.approx(0.0, abs=1e-7) and soft_kl(t, s).item() > 0.1
+    # its gradient moves the logits only along (class c) against (the rest), the rest in proportion to q
+    s = s.clone().requires_grad_(True)
+    class_kl(t, s, 0).backward()
+    g, q = s.grad[0], torch.tensor([0.25, 0.25, 0.5])
+    assert g.sum().item() == pytest.approx(0.0, abs=1e-6) and g[0] < 0  # q_0 < p_0: class 0 pushed up
+    assert (g[2] / g[1]).item() == pytest.approx((q[2] / q[1]).item(), rel=1e-5)
+    loss, term = universal_unlearning_loss(torch.tensor(0.5), s.detach(), t, 2.0, target=0)
+    assert term.item() == pytest.approx(class_kl(t, s, 0).item()) and loss.item() == pytest.approx(0.5 + 2 * term.item())
+
+
 def test_stamp_share_stamps_the_first_part_of_the_batch():
     fam = MaskPattern()
     params = [torch.full((1, 2, 2), 50.0), torch.full((3, 2, 2), 50.0)]  # mask 1, pattern white
@@ -132,6 +150,23 @@ def _ibau(flags, width=4):
     teacher, student = resnet18(10, width), resnet18(10, width)
     d = IBAU(args, teacher, torch.device("cpu"), None, 8)
     return d, d.stages(student)[0], teacher, student
+
+
+def test_adv_term_target_puts_the_target_classes_term_in_the_step(monkeypatch):
+    import helper.defenses.ibau as ibau
+    seen = []
+    real = ibau.class_kl
+    monkeypatch.setattr(ibau, "class_kl", lambda t, s, c: seen.append(c) or real(t, s, c))
+    x = torch.rand(16, 3, 32, 32)
+    _, stage, teacher, student = _ibau(["--adv_search", "teacher", "--adv_target", "3", "--adv_term", "target",
+                                        "--adv_init", "1"])
+    out = stage.step(x)
+    assert seen == [3]
+    with torch.no_grad():  # the logged term is the class term of the student's answer on x + delta
+        assert out["unlearn"].item() >= 0
+    _, stage_full, _, _ = _ibau(["--adv_search", "teacher", "--adv_target", "3", "--adv_init", "1"])
+    stage_full.step(x)
+    assert seen == [3]  # the default, full, does not call it
 
 
 def _bn_stats(model):
@@ -363,6 +398,7 @@ def test_ibau_inverts_the_mask_trigger_on_the_teacher_then_on_the_student_every_
     (["--defense", "ibau", "--adv_mask_every", "2"], "--adv_mask_every needs --adv_target"),
     (["--defense", "ibau", "--freeze_bn", "always", "--adv_bn", "shared"], "--freeze_bn always keeps the running"),
     (["--defense", "ibau", "--clip_grad", "-1"], "--clip_grad must be >= 0, not -1.0"),
+    (["--defense", "ibau", "--adv_term", "target"], "--adv_term target needs --adv_target"),
     (["--defense", "ibau", "--adv_target", "0", "--adv_mask_every", "1", "--adv_mask_share", "2"],
      "--adv_mask_share must be in [0, 1], not 2.0"),
     (["--defense", "renofeation", "--reno_swa_start", "1.5"], "--reno_swa_start must be a fraction in [0, 1) or a whole"),

@@ -18,11 +18,13 @@ def test_choice_follows_the_verdict():
     flags, why = auto.choose("no backdoor found", None)
     assert flags == ["--defense", "kd"] and "no backdoor" in why
     flags, why = auto.choose("backdoored", 7)
-    assert flags == ["--defense", "ibau", "--adv_search", "teacher", "--ibau_radius", "6", "--adv_every", "4",
-                     "--adv_mask_every", "2", "--adv_target", "7"]
-    assert "class 7" in why
+    common = ["--defense", "ibau", "--adv_search", "teacher", "--ibau_radius", "6", "--adv_every", "4",
+              "--adv_mask_every", "2", "--adv_target", "7"]
+    assert flags == common + ["--adv_term", "target"]  # train mode: class 7's probability alone is held
+    assert "class 7" in why and "eval mode" not in why
     frozen, why = auto.choose("backdoored", 7, mismatch=auto.BN_MISMATCH_MAX + 0.1)
-    assert frozen == flags + ["--freeze_bn", "always", "--clip_grad", "1", "--adv_beta", "3"] and "eval mode" in why
+    # eval mode: the whole answer is held (the default --adv_term full), at weight 3
+    assert frozen == common + ["--freeze_bn", "always", "--clip_grad", "1", "--adv_beta", "3"] and "eval mode" in why
     assert auto.choose("backdoored", 7, mismatch=auto.BN_MISMATCH_MAX)[0] == flags
     assert auto.choose("no backdoor found", None, mismatch=9.0)[0] == ["--defense", "kd"]  # a clean teacher: KD
 
