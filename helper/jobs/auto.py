@@ -6,9 +6,9 @@
    teacher should cost nothing); backdoored, target ``c`` -> ``ibau`` with its perturbation climbing the
    teacher's log-probability of ``c`` in an L2 ball of 6 on every 4th step and the mask-and-pattern trigger of ``c``
    re-inverted on the student every 2 epochs beside it (``RECIPE``), the student keeping the teacher's clean
-   probability of ``c`` on both (``TRAIN_MODE``, ``--adv_term target``): the ASR at the clean floor on every
-   teacher measured (width-8 BadNets, Blended, ADBA; width-16 ADBA with a faint and a big trigger; two teachers it
-   was not tuned on), at 95-99% of KD's accuracy. Where the defense images' batch statistics are far from the
+   probability of ``c`` on the perturbed images (``TRAIN_MODE``, ``--adv_term target``) and its whole clean answer
+   on the stamped ones: the ASR at the clean floor on every teacher measured (width-8 BadNets, Blended, ADBA;
+   width-16 ADBA with a faint and a big trigger; two teachers it was not tuned on), at 95-99% of KD's accuracy. Where the defense images' batch statistics are far from the
    teacher's running ones (``bn_mismatch`` above ``BN_MISMATCH_MAX``: the demo's synthetic images, not CIFAR-100),
    the student trains in eval mode with its gradient clipped and the whole answer's unlearning term at weight 3
    (``EVAL_MODE``).
