@@ -45,7 +45,7 @@ def test_bn_mismatch_by_hand():
         mean, var = xb.mean((0, 2, 3), keepdim=True), xb.var((0, 2, 3), unbiased=False, keepdim=True)
         own = model[2](((xb - mean) / (var + bn.eps).sqrt()).flatten(1))
         p, q = torch.softmax(run, 1), torch.softmax(own, 1)
-        by_hand += float((p * (p.log() - q.log())).sum())
+        by_hand += float((p * (p.log() - q.log())).sum().detach())
     got = auto.bn_mismatch(model, x, 4)
     assert got == pytest.approx(by_hand / 6, rel=1e-4) and got > 0.01
     assert not model.training and float(bn.running_var[0]) == 2.0
