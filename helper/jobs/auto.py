@@ -9,9 +9,9 @@
    probability of ``c`` on the perturbed images (``TRAIN_MODE``, ``--adv_term target``) and its whole clean answer
    on the stamped ones: the ASR at the clean floor on every teacher measured (width-8 BadNets, Blended, ADBA;
    width-16 ADBA with a faint and a big trigger; two teachers it was not tuned on), at 95-99% of KD's accuracy.
-   Where the defense images' batch statistics are far from the teacher's running ones (``bn_mismatch`` above ``BN_MISMATCH_MAX``: the demo's synthetic images, not CIFAR-100),
-   the student trains in eval mode with its gradient clipped and the whole answer's unlearning term at weight 3
-   (``EVAL_MODE``).
+   Where the defense images' batch statistics are far from the teacher's running ones (``bn_mismatch`` above
+   ``BN_MISMATCH_MAX``: the demo's synthetic images, not CIFAR-100), the student trains in eval mode with its
+   gradient clipped and the whole answer's unlearning term at weight 3 (``EVAL_MODE``).
 3. **Run it** (``helper.jobs.distill.run`` in ``<choice>/``) with every other flag as given. Without a trigger
    to measure (no ``pattern.pt`` / ``mask.pt`` and no ``--trigger_dir``), the run measures its ASR with the scan's
    inverted mask-and-pattern trigger of the suspected class (of the class with the smallest one when nothing
