@@ -28,9 +28,12 @@ def plot_curves(rows, path, title="", best_epoch=None):
     asl = [(r["epoch"], r["asl"]) for r in rows if r.get("asl") is not None]
     if asl:
         ax_loss.plot(*zip(*asl), label="ASL")
-    ax_loss.set_yscale("log")
+    values = [r.get("kd_loss") for r in rows] + [v for _, v in asl]
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    log = bool(values) and min(values) > 0  # a KL at rounding noise can be 0 or -1e-6: then a linear axis
+    ax_loss.set_yscale("log" if log else "linear")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss (log scale)")
+    ax_loss.set_ylabel("loss (log scale)" if log else "loss")
     ax_lam = ax_loss.twinx()
     lam = [(r["epoch"], r["lambda"]) for r in rows if r.get("lambda") is not None]
     if lam:

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ from helper.report.attention import (
     upsample,
     write_run_attention,
 )
-from helper.report.plot import _compact, plot_trigger
+from helper.report import plot
+from helper.report.plot import _compact, plot_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
 from helper.train.losses import attention_map as nad_attention_map
 from models import resnet18
@@ -308,3 +310,18 @@ def test_curves_command_draws_the_evaluated_epochs_and_refuses_what_it_cannot_dr
     with pytest.raises(SystemExit):
         figures.main(["curves", *runs, "--out", out])
     assert "no evaluated epoch" in capsys.readouterr().err
+
+
+def test_curves_use_a_log_loss_axis_only_when_every_loss_is_positive(tmp_path, monkeypatch):
+    """A KL at rounding noise (SAU's on a teacher its search cannot fool) is 0 or -1e-6: a linear axis, no
+    warning; positive losses keep the log axis."""
+    scales, save = [], plot.save_figure
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path: (scales.append(fig.axes[0].get_yscale()), save(fig, path)))
+    rows = [{"epoch": e, "kd_loss": v, "acc": 0.5} for e, v in enumerate([-1.9e-6, 0.0, 2e-6])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_curves(rows, tmp_path / "noise.png", "noise", best_epoch=0)
+        plot_curves([dict(r, kd_loss=0.5 / (r["epoch"] + 1)) for r in rows], tmp_path / "kd.png")
+        plot_curves([dict(r, kd_loss=0.5, asl=-0.1) for r in rows], tmp_path / "asl.png")  # an ASL below 0 counts
+    assert scales == ["linear", "log", "linear"]
+    assert all(_is_png(tmp_path / f) for f in ("noise.png", "kd.png", "asl.png"))
