@@ -16,7 +16,8 @@ from helper.run import interrupt
 from helper.run.runlog import append_jsonl
 
 SHORT = {"kd_loss": "kd", "asr_nontarget": "asr_nt"}  # names in the printed epoch line
-QUIET = {"epoch", "time_s", "top_class_share", "target_rate_clean", "conv_weight_norm", "stage", "phase", "diag"}
+QUIET = {"epoch", "time_s", "top_class_share", "target_rate_clean", "target_acc", "conv_weight_norm", "stage", "phase",
+         "diag"}
 
 
 def optimizer_step(optimizer, loss, clip_norm=0.0):

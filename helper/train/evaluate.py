@@ -53,18 +53,19 @@ def predict(model, images, batch_size=1000, amp=None, memory_format=torch.contig
 
 
 def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.contiguous_format):
-    """``{'acc', 'asr', 'asr_nontarget', 'ra', 'top_class_share', 'target_rate_clean'}`` of a model, in eval
-    mode, with one host sync. ``amp`` None (what every defense run uses): fp32 with TF32 off on CUDA, so every row of
-    a table is measured at one precision whatever its training ran in.
+    """``{'acc', 'asr', 'asr_nontarget', 'ra', 'top_class_share', 'target_rate_clean', 'target_acc'}`` of a model,
+    in eval mode, with one host sync. ``amp`` None (what every defense run uses): fp32 with TF32 off on CUDA, so every
+    row of a table is measured at one precision whatever its training ran in.
 
-    ``asr`` is the share of all triggered test images classified as the target (the paper's number,
-    about 0.1 for a clean model); ``asr_nontarget`` leaves out the images whose label is the target
-    (BackdoorBench's definition). ``ra``, robust accuracy, is the share of those triggered non-target
-    images classified as their true label (BackdoorBench's ``test_ra``). ``top_class_share`` is the share of clean test images given the most
-    common predicted class: 1.0 means a model that answers one class whatever its input (an ASR of 0
-    from such a model says nothing about a backdoor). ``target_rate_clean`` is the share of clean
-    non-target images classified as the target: the bias an ASR is measured against (a vanished trigger
-    scores ``asr_nontarget`` equal to it).
+    ``asr`` is the share of all triggered test images classified as the target (the paper's number, about 0.1 for
+    a clean model); ``asr_nontarget`` leaves out the images whose label is the target (BackdoorBench's definition).
+    ``ra``, robust accuracy, is the share of those triggered non-target images classified as their true label
+    (BackdoorBench's ``test_ra``). ``top_class_share`` is the share of clean test images given the most common
+    predicted class: 1.0 means a model that answers one class whatever its input (an ASR of 0 from such a model says
+    nothing about a backdoor). ``target_rate_clean`` is the share of clean non-target images classified as the
+    target: the bias an ASR is measured against (a vanished trigger scores ``asr_nontarget`` equal to it).
+    ``target_acc`` is the accuracy on the clean images of the target class alone: what a defense that unlearns the
+    target's shortcut takes from the class itself (0 when the test set has none of it).
     """
     fp32 = tf32_off(eval_set.clean.device) if amp is None else contextlib.nullcontext()
     with eval_mode(model), fp32:
@@ -75,11 +76,14 @@ def evaluate(model, eval_set, batch_size=1000, amp=None, memory_format=torch.con
     top = torch.bincount(clean_pred).max() if len(clean_pred) else clean_pred.new_zeros(())
     counts = torch.stack([(clean_pred == eval_set.labels).sum(), hit.sum(), (hit & nontarget).sum(), nontarget.sum(),
                           top, ((clean_pred == eval_set.target) & nontarget).sum(),
-                          ((trig_pred == eval_set.labels) & nontarget).sum()])
-    correct, hits, hits_nt, n_nt, top, clean_to_target, robust = counts.tolist()
+                          ((trig_pred == eval_set.labels) & nontarget).sum(),
+                          ((clean_pred == eval_set.target) & ~nontarget).sum()])
+    correct, hits, hits_nt, n_nt, top, clean_to_target, robust, target_correct = counts.tolist()
     n = max(len(eval_set.labels), 1)
+    n_target = len(eval_set.labels) - n_nt
     return {"acc": correct / n, "asr": hits / n, "asr_nontarget": hits_nt / max(n_nt, 1), "ra": robust / max(n_nt, 1),
-            "top_class_share": top / n, "target_rate_clean": clean_to_target / max(n_nt, 1)}
+            "top_class_share": top / n, "target_rate_clean": clean_to_target / max(n_nt, 1),
+            "target_acc": target_correct / max(n_target, 1)}
 
 
 def conv_weight_norm(model):

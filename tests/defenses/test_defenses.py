@@ -172,9 +172,10 @@ def test_every_defense_runs_and_writes_the_run_folder(teacher_dir, tmp_path, nam
     assert results["defense"] == args["defense"] == name
     student_rows = [r for r in rows if "stage" not in r]
     assert len(student_rows) == 2 and all(math.isfinite(r["kd_loss"]) for r in rows)
-    assert {"acc", "asr", "asr_nontarget", "ra", "lr"} <= set(student_rows[0])
+    assert {"acc", "asr", "asr_nontarget", "ra", "lr", "target_acc"} <= set(student_rows[0])
     assert results["best_epoch"] in (0, 1) and results["kd_loss"] == min(r["kd_loss"] for r in student_rows)
     assert 0 <= results["ra"] <= 1 and "teacher_ra" in results
+    assert results["target_acc"] == student_rows[results["best_epoch"]]["target_acc"] and "teacher_target_acc" in results
     if name == "nad":
         assert [r["stage"] for r in rows if "stage" in r] == ["nad_teacher"]
 

@@ -11,8 +11,9 @@ import distri
 from tests import ROOT
 from tests.conftest import fast_flags
 
-LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget", "conv_weight_norm"}
-RESULT_KEYS = {"acc", "asr", "asr_nontarget", "best_epoch", "kd_loss", "teacher_acc", "teacher_asr"}
+LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget", "conv_weight_norm", "target_acc"}
+RESULT_KEYS = {"acc", "asr", "asr_nontarget", "best_epoch", "kd_loss", "teacher_acc", "teacher_asr", "target_acc",
+               "teacher_target_acc"}
 
 
 def _read_run(out):
@@ -43,6 +44,8 @@ def test_asd_run_writes_every_output(teacher_dir, tmp_path, capsys):
     assert "selected over all epochs" in printed  # 2 epochs < --select_from 50
     assert "epoch   1  kd" in printed
     assert "batches" in printed  # the tqdm bar, on by default
+    assert (f"(the target class's own acc {saved['target_acc']:.4f}, the teacher's {saved['teacher_target_acc']:.4f})"
+            in printed)
 
 
 def test_fix_run_is_plain_kd(teacher_dir, tmp_path, capsys):
@@ -215,10 +218,25 @@ def test_evaluate_counts_by_hand_and_flags_a_constant_predictor():
     split = type("S", (), {"x": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "y": torch.tensor([0, 1, 2, 2])})
     ev = EvalSet.build(split, torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0, device="cpu")
     assert evaluate(Constant(0), ev) == {"acc": 0.25, "asr": 1.0, "asr_nontarget": 1.0, "ra": 0.0,
-                                         "top_class_share": 1.0, "target_rate_clean": 1.0}
+                                         "top_class_share": 1.0, "target_rate_clean": 1.0, "target_acc": 1.0}
     # RA: of the 3 triggered non-target images (labels 1, 2, 2), the two labelled 2 keep their label
     assert evaluate(Constant(2), ev) == {"acc": 0.5, "asr": 0.0, "asr_nontarget": 0.0, "ra": 2 / 3,
-                                         "top_class_share": 1.0, "target_rate_clean": 0.0}
+                                         "top_class_share": 1.0, "target_rate_clean": 0.0, "target_acc": 0.0}
+    # the target class's own accuracy: 2 of the 3 images labelled 0 answered 0; none labelled 0 gives 0
+    split = type("S", (), {"x": torch.zeros(4, 3, 32, 32, dtype=torch.uint8), "y": torch.tensor([0, 0, 0, 1])})
+    ev = EvalSet.build(split, torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0, device="cpu")
+
+    class FirstTwo(torch.nn.Module):  # class 0 for the first two images of a batch, class 1 for the rest
+        def forward(self, x):
+            out = torch.zeros(len(x), 10)
+            out[:2, 0], out[2:, 1] = 1, 1
+            return out
+    m = evaluate(FirstTwo(), ev, batch_size=4)
+    assert m["target_acc"] == 2 / 3 and m["acc"] == 0.75
+    assert evaluate(Constant(1), EvalSet.build(type("S", (), {"x": torch.zeros(2, 3, 32, 32, dtype=torch.uint8),
+                                                              "y": torch.tensor([1, 2])}),
+                                               torch.ones(3, 32, 32), torch.ones(1, 32, 32), target=0,
+                                               device="cpu"))["target_acc"] == 0.0
 
 
 def test_dead_student_warning(teacher_dir, tmp_path, capsys):
