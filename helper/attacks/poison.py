@@ -46,7 +46,7 @@ from models import resnet18
 BADNETS_SIZE = 3        # the white square's side, in pixels, in the bottom-right corner
 BLENDED_ALPHA = 0.2     # blended: x_triggered = (1 - 0.2) x + 0.2 p
 BLENDED_SEED = 1234     # the seed of blended's noise pattern: one pattern for every blended teacher
-METRICS = ("acc", "asr", "asr_nontarget", "ra", "top_class_share", "target_rate_clean")  # of ``evaluate``
+METRICS = ("acc", "asr", "asr_nontarget", "ra", "top_class_share", "target_rate_clean", "target_acc")  # of ``evaluate``
 
 
 # ---------------------------------------------------------------- the triggers

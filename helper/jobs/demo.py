@@ -10,7 +10,8 @@ defense, and ``--defense auto`` on the teacher handed over without its trigger â
    all starting from the teacher's weights;
 3. ``--defense auto`` on ``handed/``, a folder holding only the teacher's ``checkpoint.pkl``: the scan, the choice
    and the defense see no trigger; the attack's trigger (``--trigger_dir teacher/``) only measures the row's ASR;
-4. one table: Acc, ASR and ASR non-target of the teacher and each student on the task's test set.
+4. one table: Acc, ASR, ASR non-target and the target class's own Acc of the teacher and each student on the
+   task's test set.
 
 Nothing here is a second copy of the attack or the defense: the runs are ``helper.attacks.adba.run`` and
 ``helper.jobs.distill.run`` called with their own parsers' arguments, so each sub-folder is an ordinary run
@@ -96,11 +97,14 @@ def _distill_argv(args, teacher_dir, out_dir, flags, d):
 
 
 def format_table(rows):
-    """Rows of (name, metrics dict) as a fixed-width table of Acc, ASR and ASR non-target."""
+    """Rows of (name, metrics dict) as a fixed-width table of Acc, ASR, ASR non-target and the target class's own
+    Acc (``target_acc``: what a removal took from the class itself; ``-`` where a row has none)."""
     width = max([18] + [len(name) + 1 for name, _ in rows])
-    lines = [f"{'model':<{width}}{'Acc':>8}{'ASR':>8}{'ASR non-target':>16}"]
+    lines = [f"{'model':<{width}}{'Acc':>8}{'ASR':>8}{'ASR non-target':>16}{'target-class Acc':>18}"]
     for name, m in rows:
-        lines.append(f"{name:<{width}}{m['acc']:>8.4f}{m['asr']:>8.4f}{m['asr_nontarget']:>16.4f}")
+        target = m.get("target_acc")
+        lines.append(f"{name:<{width}}{m['acc']:>8.4f}{m['asr']:>8.4f}{m['asr_nontarget']:>16.4f}"
+                     + (f"{target:>18.4f}" if target is not None else f"{'-':>18}"))
     return "\n".join(lines)
 
 
@@ -168,7 +172,7 @@ def run_demo(args, sizes=None, out=print):
     table = ([("ADBA teacher", teacher), (FLOOR, clean)]
              + [(f"{name} student", results[name]) for name, _, _ in STUDENTS]
              + [(name_auto, auto_run)])
-    summary = {name: {k: m[k] for k in ("acc", "asr", "asr_nontarget")} for name, m in table}
+    summary = {name: {k: m.get(k) for k in ("acc", "asr", "asr_nontarget", "target_acc")} for name, m in table}
     for name, m in [(f"{name} student", results[name]) for name, _, _ in STUDENTS] + [(name_auto, auto_run)]:
         summary[name]["selected_epoch"] = m["best_epoch"]
         summary[name]["final"] = m["final"]

@@ -35,7 +35,8 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
     assert os.path.isfile(out / "auto" / row["choice"][1] / "results.json")
     assert [name for name, _, _ in demo.STUDENTS][:2] == ["KD", "ASD"] and len(demo.STUDENTS) == 3
     for row in saved["table"].values():
-        assert {"acc", "asr", "asr_nontarget"} <= set(row)
+        assert {"acc", "asr", "asr_nontarget"} <= set(row) and 0 <= row["target_acc"] <= 1
+    assert saved["table"]["ADBA teacher"]["target_acc"] == json.load(open(out / "teacher" / "results.json"))["target_acc"]
     assert saved["sizes"]["n_train"] == 128 and result["table"] == saved["table"]
     assert json.load(open(out / "asd" / "args.json"))["ratio_type"] == "scheduler"
     assert json.load(open(out / "kd" / "args.json"))["ratio_type"] == "fix"
@@ -48,5 +49,9 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
 
 
 def test_format_table():
-    text = demo.format_table([("a", {"acc": 0.5, "asr": 0.25, "asr_nontarget": 0.125})])
-    assert text.splitlines()[1].split() == ["a", "0.5000", "0.2500", "0.1250"]
+    text = demo.format_table([("a", {"acc": 0.5, "asr": 0.25, "asr_nontarget": 0.125}),
+                              ("b", {"acc": 0.5, "asr": 0.25, "asr_nontarget": 0.125, "target_acc": 0.375})])
+    header, a, b = text.splitlines()
+    assert header.split() == ["model", "Acc", "ASR", "ASR", "non-target", "target-class", "Acc"]
+    assert a.split() == ["a", "0.5000", "0.2500", "0.1250", "-"]
+    assert b.split() == ["b", "0.5000", "0.2500", "0.1250", "0.3750"] and len(a) == len(b) == len(header)
