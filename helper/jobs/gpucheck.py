@@ -33,7 +33,7 @@ import time
 import torch
 
 from helper.run.errors import UserError, exits_cleanly
-from helper.run.runlog import atomic_write, read_jsonl, write_json
+from helper.run.runlog import read_jsonl, write_json, write_text
 
 STEPS = ("compile", "precision", "bench", "resume", "runs_per_gpu", "cell")
 
@@ -100,10 +100,7 @@ class Check:
         os.makedirs(self.out, exist_ok=True)
         self.report["elapsed_s"] = round(time.time() - self.start, 1)
         write_json(os.path.join(self.out, "gpucheck.json"), self.report)
-        def write_md(tmp):
-            with open(tmp, "w") as f:
-                f.write(markdown(self.report))
-        atomic_write(os.path.join(self.out, "gpucheck.md"), write_md)
+        write_text(os.path.join(self.out, "gpucheck.md"), markdown(self.report))
 
 
 # ---------------------------------------------------------------- the steps

@@ -295,7 +295,8 @@ def main(argv=None):
     failures = launch(todo, out_dir, args, gpus)
     entries, _ = tabulate(cells, runs, out_dir, traces=args.trace)
     if entries:
-        print(open(os.path.join(out_dir, "table.md")).read(), end="")
+        with open(os.path.join(out_dir, "table.md")) as f:
+            print(f.read(), end="")
         print(f"written: {out_dir}/table.md, table.csv, table.json, tradeoff.png "
               f"({sum(r.state() == 'finished' for r in runs)} of {len(runs)} runs)")
     if failures:

@@ -7,7 +7,7 @@ import os
 import statistics
 
 from helper.report.aggregate import METRICS, OPTIONAL, load_results, trimmed_summary
-from helper.run.runlog import atomic_write, write_json
+from helper.run.runlog import atomic_write, write_json, write_text
 
 ROWS = (("acc", "Acc"), ("asr", "ASR"), ("asr_nontarget", "ASR non-target"), ("ra", "RA"))
 # the re-tuning attack's numbers (distri.py --retune): shown where a cell's runs all have them
@@ -108,8 +108,8 @@ def write_table(cells, out_dir, runs=(), title="Acc against ASR", paper=True):
     """table.json, table.md, table.csv and tradeoff.png in ``out_dir``; ``runs`` are (defense, size, results).
     ``paper``: draw the paper's published points (measured on ADBA teachers) in the plot."""
     write_json(os.path.join(out_dir, "table.json"), cells)
-    atomic_write(os.path.join(out_dir, "table.md"), lambda tmp: open(tmp, "w").write(markdown(cells)))
-    atomic_write(os.path.join(out_dir, "table_arms.md"), lambda tmp: open(tmp, "w").write(arms_markdown(cells)))
+    write_text(os.path.join(out_dir, "table.md"), markdown(cells))
+    write_text(os.path.join(out_dir, "table_arms.md"), arms_markdown(cells))
     keys = ["arm", "defense", "n_defense", "n_runs", "n_kept", "epochs", "width"] + [
         k + s for k, _ in ROWS + retuned(cells) for s in ("", "_mean", "_std")]
 
@@ -215,4 +215,4 @@ def summary_markdown(s):
 def write_summary(s, out_dir):
     """summary.json and summary.md in ``out_dir``."""
     write_json(os.path.join(out_dir, "summary.json"), s)
-    atomic_write(os.path.join(out_dir, "summary.md"), lambda tmp: open(tmp, "w").write(summary_markdown(s)))
+    write_text(os.path.join(out_dir, "summary.md"), summary_markdown(s))

@@ -67,6 +67,14 @@ def atomic_torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically, the file closed before it takes the name."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:

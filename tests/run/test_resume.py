@@ -12,7 +12,7 @@ import torch
 import adba
 import distri
 import helper.run.interrupt as interrupt
-from helper.run.runlog import atomic_write, read_jsonl
+from helper.run.runlog import atomic_write, read_jsonl, write_text
 from helper.train.engine import fit, run_epoch
 from tests import ROOT
 from tests.conftest import fast_flags
@@ -130,6 +130,8 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, half_then_fail)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
+    write_text(path, "the table\n")  # the text helper through the same atomic rename
+    assert path.read_text() == "the table\n" and os.listdir(tmp_path) == ["x.json"]
 
 
 def _run_subprocess(teacher_dir, out, epochs):
