@@ -63,7 +63,8 @@ EVAL_MODE = ["--freeze_bn", "always", "--clip_grad", "1", "--adv_beta", "3"]
 # teacher it left more of the backdoor, so eval mode keeps the whole answer (docs/experiments.md)
 TRAIN_MODE = ["--adv_term", "target"]
 BN_MISMATCH_MAX, BN_IMAGES = 1.5, 1024
-METRICS = ("acc", "asr", "asr_nontarget", "ra", "retune_acc", "retune_asr_nontarget", "best_epoch", "train_time_s")
+METRICS = ("acc", "asr", "asr_nontarget", "ra", "target_acc", "teacher_target_acc", "retune_acc",
+           "retune_asr_nontarget", "best_epoch", "train_time_s")
 
 
 def choose(verdict, target, mismatch=0.0):
@@ -234,7 +235,10 @@ def run_auto(args, argv, out=print):
                "scan_flags": {k: v for k, v in vars(own).items() if k not in ("defense", "resume")}}
     write_json(os.path.join(root, "results.json"), results)
     out(f"auto: {flags[1]} -> Acc {defended['acc']:.4f}, ASR non-target {defended['asr_nontarget']:.4f} "
-        f"({measured_with}); class {c} on the student: " + ", ".join(
+        f"({measured_with}); class {c} on the student: "
+        + (f"its own test images' Acc {defended['target_acc']:.4f} (teacher {defended['teacher_target_acc']:.4f}), "
+           if defended.get("target_acc") is not None and defended.get("teacher_target_acc") is not None else "")
+        + ", ".join(
             f"{n} index {index[n]['student']:.2f} (teacher {index[n]['teacher']:.2f}), share under the teacher's "
             f"trigger {shares['student'][n]:.2f} (teacher {shares['teacher'][n]:.2f})" for n in index)
         + ("; still flagged" if still else "; no longer flagged" if target is not None else "; not flagged")

@@ -95,7 +95,14 @@ def test_auto_on_a_folder_with_only_its_checkpoint(tmp_path, capsys):
                if teacher_scan["families"][n]["reached"][c])
     assert json.loads((out / "scan-student" / "scan.json").read_text())["checkpoint"] == "selected.pkl"
     assert set(saved["index_of_suspect"]) == set(saved["share_to_suspect"]["student"]) == {"mask"}  # the default family
-    assert "holds no trigger" in capsys.readouterr().out
+    # the suspected class's own test accuracy, the run's and its teacher's, carried into auto's results and line
+    run = json.loads((out / saved["choice"][1] / "results.json").read_text())
+    assert (saved["defense"]["target_acc"], saved["defense"]["teacher_target_acc"]) == \
+        (run["target_acc"], run["teacher_target_acc"])
+    printed = capsys.readouterr().out
+    assert "holds no trigger" in printed
+    assert (f"class {c} on the student: its own test images' Acc {run['target_acc']:.4f} "
+            f"(teacher {run['teacher_target_acc']:.4f})") in printed
 
 
 def test_a_backdoored_verdict_on_far_defense_images_trains_in_eval_mode(tmp_path, monkeypatch, capsys):
