@@ -3,7 +3,7 @@ own group and the groups below it, and the entry scripts are thin (they parse an
 import ast
 import os
 
-from tests import ROOT
+from tests import ROOT, read_text
 
 LAYERS = ("run", "data", "train", "report", "attacks", "defenses", "jobs")  # lowest first, as helper/__init__.py
 ENTRY_SCRIPTS = ("distri.py", "distri_dsextend.py", "adba.py", "scan.py", "bench.py", "reproduce.py")
@@ -12,7 +12,7 @@ ENTRY_SCRIPTS = ("distri.py", "distri_dsextend.py", "adba.py", "scan.py", "bench
 def helper_imports(path):
     """The ``helper.GROUP`` modules a file imports (at any depth: lazy imports inside functions count too)."""
     found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
+    for node in ast.walk(ast.parse(read_text(path))):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
         for name in names:
@@ -37,10 +37,10 @@ def modules():
 def test_helper_holds_only_the_groups_and_its_docstring_names_each():
     entries = {e for e in os.listdir(os.path.join(ROOT, "helper")) if e != "__pycache__"}
     assert entries == {"__init__.py", *LAYERS}
-    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, "helper", "__init__.py")).read()))
+    doc = ast.get_docstring(ast.parse(read_text(os.path.join(ROOT, "helper", "__init__.py"))))
     assert [line.split()[0] for line in doc.splitlines() if line.startswith("    ")] == list(LAYERS)
     for group in LAYERS:
-        assert ast.get_docstring(ast.parse(open(os.path.join(ROOT, "helper", group, "__init__.py")).read()))
+        assert ast.get_docstring(ast.parse(read_text(os.path.join(ROOT, "helper", group, "__init__.py"))))
 
 
 def test_no_module_imports_from_a_group_above_its_own():
@@ -57,7 +57,7 @@ def test_the_layer_check_sees_an_upward_import(tmp_path):
 
 def test_entry_scripts_are_thin():
     for script in ENTRY_SCRIPTS:
-        lines = open(os.path.join(ROOT, script)).read().splitlines()
+        lines = read_text(os.path.join(ROOT, script)).splitlines()
         assert len(lines) <= 60, f"{script}: {len(lines)} lines"
         tree = ast.parse("\n".join(lines))
         defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
@@ -78,7 +78,7 @@ def defense_names_in(path, names):
     """The string constants of a file that are a defense's name or say ``--defense NAME``, with their lines."""
     import re
     found = []
-    for node in ast.walk(ast.parse(open(path).read())):
+    for node in ast.walk(ast.parse(read_text(path))):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             said = {node.value} & names | set(re.findall(r"--defense (\w+)", node.value)) & names
             found += [(name, node.lineno) for name in said]

@@ -15,6 +15,7 @@ from helper.data.trigger import apply_trigger
 from helper.run.runlog import read_jsonl
 from helper.data.metrics import psnr, ssim
 from models import resnet18
+from tests import read_json
 
 DEVICE = torch.device(os.environ.get("ASD_TEST_DEVICE", "cpu"))
 TINY = ["--dataset", "synthetic", "--synthetic_train", "192", "--synthetic_test", "64", "--width", "4",
@@ -71,7 +72,7 @@ def test_results_json_holds_the_named_numbers(attack_run):
     assert [r["phase"] for r in rows] == ["adba", "consolidation"]
     for key in ("mask_l1", "mask_share", "psnr", "ssim", "shadow_acc", "teacher_loss", "trigger_loss"):
         assert key in rows[0], key
-    args = json.load(open(os.path.join(out, "args.json")))
+    args = read_json(os.path.join(out, "args.json"))
     assert args["miu"] == 0.1 and args["alpha"] == 0.4 and args["beta"] == 0.3 and args["mask_max"] == 0.3
 
 
@@ -220,4 +221,4 @@ def test_attack_on_the_engine_is_the_attack_before_it(tmp_path):
                 assert key not in row
             else:
                 assert row[key] == pytest.approx(value, rel=1e-3 if i == 0 else 2e-2), (i, key)
-    assert json.load(open(os.path.join(out, "results.json")))["epochs"] == 2
+    assert read_json(os.path.join(out, "results.json"))["epochs"] == 2

@@ -28,6 +28,7 @@ from helper.data.trigger import apply_trigger, poisoned_labels
 from helper.jobs.retune import retune
 from helper.train.evaluate import EvalSet, evaluate
 from models import resnet18
+from tests import read_bytes, read_json, read_text
 from tests.conftest import TEST_WIDTH, write_teacher_dir
 
 TINY = ["--dataset", "synthetic", "--synthetic_train", "192", "--synthetic_test", "64", "--width", str(TEST_WIDTH),
@@ -42,11 +43,11 @@ def defense_flags(read_dir, output_dir, epochs=1):
 
 
 def sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return hashlib.sha256(read_bytes(path)).hexdigest()
 
 
 def results_of(folder):
-    return json.load(open(os.path.join(folder, "results.json")))
+    return read_json(os.path.join(folder, "results.json"))
 
 
 # ---------------------------------------------------------------- the triggers, by hand
@@ -121,10 +122,10 @@ def test_attack_writes_a_teacher_folder_a_defense_run_accepts(attack, trigger_fo
     metrics = adba.main(TINY + ["--attack", attack, "--epochs", "2", "--output_dir", str(out)] + extra)
     saved = results_of(out)
     assert saved["attack"] == attack == teacher_attack(str(out)) and saved["epochs"] == 2
-    assert json.load(open(out / "args.json"))["attack"] == attack
+    assert read_json(out / "args.json")["attack"] == attack
     for name in ("checkpoint.pkl", "args.json", "log.jsonl", "curves.png"):
         assert (out / name).is_file(), name
-    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    rows = [json.loads(line) for line in read_text(out / "log.jsonl").splitlines()]
     assert [r["phase"] for r in rows] == [attack, attack] and rows[1]["lr"] < rows[0]["lr"]  # cosine
     for key in ("acc", "asr", "asr_nontarget", "ra", "psnr", "ssim", "trigger_vanished"):
         assert key in saved, key

@@ -1,7 +1,6 @@
 """The ASD variants of the study (docs/asd-study.md): their mechanics on hand-made tensors,
 and every arm of the study preset end to end on synthetic data."""
 import copy
-import json
 import os
 
 import pytest
@@ -15,6 +14,7 @@ from helper.train.diagnostics import asl_states, channel_activity, dead_units, l
 from helper.train.engine import optimizer_step
 from helper.train.schedule import asd_ratio, loss_weights
 from models import resnet18
+from tests import read_json
 from tests.conftest import fast_flags
 
 torch.manual_seed(0)
@@ -153,7 +153,7 @@ def test_every_arm_of_the_study_runs_and_logs_its_diagnostics(teacher_dir, tmp_p
         if label == "asd-dormant":  # ceil(10%) of 4, 4, 8, 8, 16, 16, 32, 32 channels per hooked layer, recorded
             chosen = results["shifted_channels"]
             assert [len(c) for c in chosen.values()] == [1, 1, 1, 1, 2, 2, 4, 4]
-        args = json.load(open(os.path.join(out, "args.json")))
+        args = read_json(os.path.join(out, "args.json"))
         assert args["defense"] == defense
 
 

@@ -1,5 +1,4 @@
 """The defenses of helper/defenses against hand-written references, and every defense end to end."""
-import json
 import math
 import os
 import subprocess
@@ -20,7 +19,7 @@ from helper.run.runlog import read_jsonl
 from helper.train.losses import attention_distillation_loss, attention_map, hard_label_ce, kd_loss, kd_per_sample
 from helper.train.schedule import bcu_temperature, cosine_lr
 from models import resnet18
-from tests import ROOT
+from tests import ROOT, read_json
 from tests.conftest import fast_flags
 
 # ---------------------------------------------------------------- BCU
@@ -159,7 +158,7 @@ EXTRA = {"nad": ["--nad_teacher_epochs", "1"]}
 def _run(teacher_dir, out, name, extra=()):
     results = distri.main(fast_flags(teacher_dir, out, epochs=2) + ["--defense", name, "--no_progress",
                                                                     *EXTRA.get(name, []), *extra])
-    return results, read_jsonl(os.path.join(out, "log.jsonl")), json.load(open(os.path.join(out, "args.json")))
+    return results, read_jsonl(os.path.join(out, "log.jsonl")), read_json(os.path.join(out, "args.json"))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -254,6 +253,6 @@ def test_every_defense_runs_on_an_adba_folder(adba_teacher, tmp_path, name):
              "--finetunedata", "synthetic", "--synthetic_train", "192", "--synthetic_test", "64", "--subset_rate", "0.5",
              "--epoch", "2", "--batch_size", "32", "--device", "cpu", "--no_progress", "--defense", name]
     results = distri.main(flags + EXTRA.get(name, []))
-    teacher = json.load(open(os.path.join(adba_teacher, "results.json")))
+    teacher = read_json(os.path.join(adba_teacher, "results.json"))
     assert results["teacher_acc"] == teacher["acc"] and results["teacher_asr"] == teacher["asr"]
     assert os.path.isfile(tmp_path / name / "selected.pkl")

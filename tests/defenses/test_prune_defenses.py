@@ -1,7 +1,6 @@
 """CLP and Fine-Pruning (helper/defenses/clp.py, fineprune.py): hand-computed bounds, the pruning order and its
 stopping rule, the mask kept through KD and through save/load, and both defenses end to end."""
 import copy
-import json
 import os
 
 import pytest
@@ -14,6 +13,7 @@ from helper.defenses.clp import ZeroHold, channel_lipschitz, clp_masks, conv_bn_
 from helper.defenses.fineprune import mean_activation, prune_search, step_size
 from helper.defenses.options import defense_parser
 from models import resnet18
+from tests import read_json
 from tests.conftest import fast_flags
 
 CPU = torch.device("cpu")
@@ -210,8 +210,8 @@ def test_clp_end_to_end_and_epoch_zero_reports_clp_alone(tmp_path):
     assert results["clp_pruned_total"] == sum(results["clp_pruned"].values())
     assert results["best_epoch"] is None and results["epochs_run"] == 0
     assert {k: results[k] for k in ("acc", "asr", "ra")} == {k: results["student_init"][k] for k in ("acc", "asr", "ra")}
-    assert json.load(open(out / "results.json"))["clp_pruned_total"] == results["clp_pruned_total"]
-    assert json.load(open(out / "args.json"))["clp_u"] == 3.0
+    assert read_json(out / "results.json")["clp_pruned_total"] == results["clp_pruned_total"]
+    assert read_json(out / "args.json")["clp_u"] == 3.0
     bn = _load(out / "selected.pkl").layer4[1].bn2
     assert bn.weight[7] == 0 and bn.bias[7] == 0
 
@@ -229,9 +229,9 @@ def test_fineprune_end_to_end_and_the_saved_student_reloads_with_the_mask(teache
                           + ["--defense", "fineprune", "--no_progress", "--fp_max_drop", "1.0"])
     assert results["fp_channels"] == 32 and results["fp_pruned"] == 31 and len(results["fp_agreement"]) == 32
     assert results["fp_agreement"][0] == 1.0  # the student starts as the teacher
-    saved = json.load(open(out / "results.json"))
+    saved = read_json(out / "results.json")
     assert saved["fp_pruned_channels"] == results["fp_pruned_channels"]
-    args = json.load(open(out / "args.json"))
+    args = read_json(out / "args.json")
     assert (args["fp_step"], args["fp_max_drop"], args["fp_layer"], args["opt_lr"]) == (0.01, 1.0, "layer4", 0.01)
     off = results["fp_pruned_channels"]
     teacher = torch.load(os.path.join(teacher_dir, "checkpoint.pkl"), weights_only=True)[0]

@@ -2,7 +2,6 @@
 docs/adding.md, copied into the package as a new file each, run through distri.py, the table, reproduce.py and
 adba.py (a new defense or attack touches one new file and nothing else)."""
 import importlib
-import json
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ from helper.attacks.options import get_attack_parser
 from helper.defenses import DEFENSES
 from helper.defenses.options import get_args_parser
 from helper.jobs import reproduce
-from tests import ROOT
+from tests import ROOT, read_json, read_text
 from tests.conftest import fast_flags, write_teacher_dir
 
 EXAMPLES = os.path.join(ROOT, "docs", "adding.md")
@@ -25,7 +24,7 @@ EXAMPLES = os.path.join(ROOT, "docs", "adding.md")
 
 def example(n):
     """The n-th Python block of docs/adding.md (0: the defense, 1: the attack)."""
-    return re.findall(r"```python\n(.*?)```", open(EXAMPLES).read(), re.S)[n]
+    return re.findall(r"```python\n(.*?)```", read_text(EXAMPLES), re.S)[n]
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def installed(request):
     def install(group, module, code, registry, name):
         path = os.path.join(ROOT, "helper", group, f"{module}.py")
         # a file of that name is never overwritten, unless it is this example left by an interrupted test
-        assert not os.path.exists(path) or open(path).read() == code, f"{path} exists"
+        assert not os.path.exists(path) or read_text(path) == code, f"{path} exists"
         with open(path, "w") as f:
             f.write(code)
         made.append((path, f"helper.{group}.{module}", registry, name))
@@ -66,7 +65,7 @@ def test_a_second_defense_under_a_taken_name_is_refused():
 
 def test_help_description_and_readme_table_name_every_defense():
     text = get_args_parser().format_help()
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = read_text(os.path.join(ROOT, "README.md"))
     in_table = set(re.findall(r"^\| `(\w+)`(?: \(default\))? \|", readme, re.M))
     assert in_table == set(DEFENSES), "README's defenses table and the registry differ"
     for name in DEFENSES:
@@ -90,9 +89,9 @@ def test_the_example_defense_runs_through_distri_the_table_and_reproduce(tmp_pat
     # distri.py: a run, its label in results.json; a bad value of its own flag refused in one line, no folder
     results = distri.main(fast_flags(teacher, tmp_path / "run", epochs=2) + ["--defense", "noisykd", "--noise_std",
                                                                               "0.1"])
-    saved = json.load(open(tmp_path / "run" / "results.json"))
+    saved = read_json(tmp_path / "run" / "results.json")
     assert saved["defense"] == "noisykd" and saved["defense_label"] == "Noisy KD" and results["acc"] == saved["acc"]
-    assert json.load(open(tmp_path / "run" / "args.json"))["opt_lr"] == 0.01  # its own default
+    assert read_json(tmp_path / "run" / "args.json")["opt_lr"] == 0.01  # its own default
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         distri.main(fast_flags(teacher, tmp_path / "bad") + ["--defense", "noisykd", "--noise_std", "-1"])
@@ -103,7 +102,7 @@ def test_the_example_defense_runs_through_distri_the_table_and_reproduce(tmp_pat
     entries = reproduce.main(["--read_dir", teacher, "--output_dir", str(out), "--preset", "smoke", "--defenses",
                               "noisykd", "--seeds", "0", "--epochs", "1", "--jobs", "1"])
     assert [(e["defense"], e["label"]) for e in entries] == [("noisykd", "Noisy KD")]
-    assert open(out / "table.md").read().splitlines()[0] == "| | Noisy KD 64 |"
+    assert read_text(out / "table.md").splitlines()[0] == "| | Noisy KD 64 |"
 
 
 def test_the_example_attack_makes_a_teacher_through_adba_py(tmp_path, installed):
@@ -115,7 +114,7 @@ def test_the_example_attack_makes_a_teacher_through_adba_py(tmp_path, installed)
     pattern, mask = module.checker_trigger()
     assert torch.equal(torch.load(out / "pattern.pt", weights_only=True), pattern)
     assert torch.equal(torch.load(out / "mask.pt", weights_only=True), mask)
-    assert json.load(open(out / "args.json"))["poison_rate"] == 0.1  # its defaults: BackdoorBench's recipe
+    assert read_json(out / "args.json")["poison_rate"] == 0.1  # its defaults: BackdoorBench's recipe
     assert pattern[0, :2, :2].tolist() == [[0.0, 1.0], [1.0, 0.0]] and mask.sum() == 16
 
 

@@ -1,9 +1,9 @@
 """A tiny version of ``python distri.py --demo`` (the real one takes minutes and is not run here)."""
-import json
 import os
 
 import distri
 import helper.jobs.demo as demo
+from tests import read_json
 
 
 def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, capsys):
@@ -16,14 +16,14 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
                  "clean/checkpoint.pkl", "clean/results.json",
                  *(f"{folder}/{f}" for _, folder, _ in demo.STUDENTS for f in ("results.json", "curves.png"))):
         assert os.path.isfile(out / name), name
-    saved = json.load(open(out / "demo_results.json"))
+    saved = read_json(out / "demo_results.json")
     auto = [k for k in saved["table"] if k.startswith("auto (")]
     assert set(saved["table"]) == {"ADBA teacher", demo.FLOOR, *(f"{name} student" for name, _, _ in demo.STUDENTS),
                                    *auto}
     # the floor: a clean teacher (--attack none) measured with the ADBA teacher's trigger
-    clean_args = json.load(open(out / "clean" / "args.json"))
+    clean_args = read_json(out / "clean" / "args.json")
     assert (clean_args["attack"], clean_args["trigger_dir"]) == ("none", str(out / "teacher"))
-    clean = json.load(open(out / "clean" / "results.json"))
+    clean = read_json(out / "clean" / "results.json")
     assert clean["attack"] == "none" and not os.path.exists(out / "clean" / "pattern.pt")  # trained clean
     assert saved["table"][demo.FLOOR]["asr_nontarget"] == clean["asr_nontarget"]
     # the last step: auto on a folder holding the teacher's checkpoint alone, measured with the attack's trigger
@@ -31,20 +31,20 @@ def test_tiny_demo_runs_every_step_and_writes_the_table(tmp_path, monkeypatch, c
     row = saved["table"][auto[0]]
     assert auto[0] == f"auto ({row['choice'][1]}) student" and row["choice"][1] in ("kd", "ibau")
     assert (row["choice"][1] == "ibau") == (row["verdict"] == "backdoored")
-    assert json.load(open(out / "auto" / "results.json"))["measured_with"] == f"--trigger_dir {out / 'teacher'}"
+    assert read_json(out / "auto" / "results.json")["measured_with"] == f"--trigger_dir {out / 'teacher'}"
     assert os.path.isfile(out / "auto" / row["choice"][1] / "results.json")
     assert [name for name, _, _ in demo.STUDENTS][:2] == ["KD", "ASD"] and len(demo.STUDENTS) == 3
     for row in saved["table"].values():
         assert {"acc", "asr", "asr_nontarget"} <= set(row) and 0 <= row["target_acc"] <= 1
-    assert saved["table"]["ADBA teacher"]["target_acc"] == json.load(open(out / "teacher" / "results.json"))["target_acc"]
+    assert saved["table"]["ADBA teacher"]["target_acc"] == read_json(out / "teacher" / "results.json")["target_acc"]
     assert saved["sizes"]["n_train"] == 128 and result["table"] == saved["table"]
-    assert json.load(open(out / "asd" / "args.json"))["ratio_type"] == "scheduler"
-    assert json.load(open(out / "kd" / "args.json"))["ratio_type"] == "fix"
+    assert read_json(out / "asd" / "args.json")["ratio_type"] == "scheduler"
+    assert read_json(out / "kd" / "args.json")["ratio_type"] == "fix"
     text = capsys.readouterr().out
     assert "ASR non-target" in text and all(f"{name} student" in text for name, _, _ in demo.STUDENTS)
     # KD and ASD at the demo's lr, the unlearning defense with its own defaults
-    assert json.load(open(out / "kd" / "args.json"))["opt_lr"] == demo.DEMO["distill_lr"]
-    third = json.load(open(out / demo.STUDENTS[2][1] / "args.json"))
+    assert read_json(out / "kd" / "args.json")["opt_lr"] == demo.DEMO["distill_lr"]
+    third = read_json(out / demo.STUDENTS[2][1] / "args.json")
     assert third["defense"] == demo.STUDENTS[2][2][1] and third["opt_lr"] == 0.01
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import distri
-from tests import ROOT
+from tests import ROOT, read_json, read_text
 from tests.conftest import fast_flags
 
 LOG_KEYS = {"epoch", "kd_loss", "asl", "lambda", "lr", "acc", "asr", "asr_nontarget", "conv_weight_norm", "target_acc"}
@@ -17,9 +17,9 @@ RESULT_KEYS = {"acc", "asr", "asr_nontarget", "best_epoch", "kd_loss", "teacher_
 
 
 def _read_run(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    results = json.load(open(os.path.join(out, "results.json")))
-    args = json.load(open(os.path.join(out, "args.json")))
+    rows = [json.loads(line) for line in read_text(os.path.join(out, "log.jsonl")).splitlines()]
+    results = read_json(os.path.join(out, "results.json"))
+    args = read_json(os.path.join(out, "args.json"))
     return rows, results, args
 
 
@@ -70,7 +70,7 @@ def test_read_dir_variable_is_the_default(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(distri, "read_dir", teacher_dir)
     flags = fast_flags(teacher_dir, tmp_path / "r", epochs=1)[2:]  # drop --read_dir
     distri.main(flags)
-    assert json.load(open(tmp_path / "r" / "args.json"))["read_dir"] == teacher_dir
+    assert read_json(tmp_path / "r" / "args.json")["read_dir"] == teacher_dir
 
 
 def test_fresh_student_and_selection_from_epoch(teacher_dir, tmp_path):
@@ -247,7 +247,7 @@ def test_dead_student_warning(teacher_dir, tmp_path, capsys):
     torch.save([sd], os.path.join(teacher_dir, "checkpoint.pkl"))
     distri.main(fast_flags(teacher_dir, tmp_path / "dead", epochs=1) + ["--opt_lr", "0"])
     assert "its output no longer depends on its input" in capsys.readouterr().out
-    assert json.load(open(tmp_path / "dead" / "results.json"))["top_class_share"] == 1.0
+    assert read_json(tmp_path / "dead" / "results.json")["top_class_share"] == 1.0
 
 
 def test_asl_on_first_sample_only_reproduces_the_public_code():
@@ -277,7 +277,7 @@ def test_finetune_in_uses_the_teachers_own_training_set(teacher_dir, tmp_path):
     """With --finetune_in_out in, --finetunedata is never read: an unknown name there does not matter."""
     out = tmp_path / "in"
     distri.main(fast_flags(teacher_dir, out, epochs=1) + ["--finetune_in_out", "in", "--finetunedata", "imagenet"])
-    assert json.load(open(out / "results.json"))["n_defense"] == 128
+    assert read_json(out / "results.json")["n_defense"] == 128
 
 
 # ---------------------------------------------------------------- inputs that used to get through

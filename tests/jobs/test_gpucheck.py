@@ -1,10 +1,10 @@
 """The GPU check (helper/jobs/gpucheck.py) in its toy mode on the CPU: every step runs and reports, a resumed
 deterministic run equals the straight one, and a spent budget skips steps with a reason instead of running them."""
-import json
 
 import pytest
 
 from helper.jobs import gpucheck
+from tests import read_json
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def test_every_step_runs_in_toy_mode_and_writes_its_figures(toy_report):
     out, report = toy_report
     assert report["mode"] == "toy" and list(report["steps"]) == list(gpucheck.STEPS)
     assert {name: step["status"] for name, step in report["steps"].items()} == {s: "ok" for s in gpucheck.STEPS}
-    saved = json.load(open(out / "gpucheck.json"))
+    saved = read_json(out / "gpucheck.json")
     assert saved["steps"].keys() == report["steps"].keys()
     md = (out / "gpucheck.md").read_text()
     assert all(f"## {name}: ok" in md for name in gpucheck.STEPS)

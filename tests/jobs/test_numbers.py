@@ -1,12 +1,12 @@
 """Issue 29: numbers that mean what the table says. ASD refuses bf16, --lr_drop on is refused where no lr drop
 exists, and every run is evaluated at one precision (fp32, TF32 off) whatever it trained in."""
-import json
 
 import pytest
 import torch
 
 import distri
 from helper.train import evaluate as E
+from tests import read_json
 from tests.conftest import fast_flags
 
 
@@ -39,9 +39,9 @@ def test_lr_drop_on_is_refused_where_no_drop_exists(teacher_dir, tmp_path, capsy
 
 def test_lr_drop_is_recorded_only_where_it_applies(teacher_dir, tmp_path):
     kd = distri.main(fast_flags(teacher_dir, tmp_path / "kd", epochs=1) + ["--ratio_type", "fix", "--lr_drop", "on"])
-    assert json.load(open(tmp_path / "kd" / "args.json"))["lr_drop_enabled"] is True and "acc" in kd
+    assert read_json(tmp_path / "kd" / "args.json")["lr_drop_enabled"] is True and "acc" in kd
     distri.main(fast_flags(teacher_dir, tmp_path / "ft", epochs=1) + ["--defense", "finetune"])
-    assert json.load(open(tmp_path / "ft" / "args.json"))["lr_drop_enabled"] is False
+    assert read_json(tmp_path / "ft" / "args.json")["lr_drop_enabled"] is False
 
 
 def test_every_defense_is_evaluated_without_autocast(teacher_dir, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from helper.jobs import reproduce
 from helper.jobs.grid import PRESETS, ROOT, build_grid, size_flags
 from helper.report.table import cell_summary, markdown
 from helper.run.runlog import read_jsonl
+from tests import read_bytes, read_json, read_text, write_json_file
 from tests.conftest import write_teacher_dir
 
 SMOKE = ["--preset", "smoke", "--jobs", "2"]
@@ -30,16 +31,17 @@ def test_smoke_preset_writes_every_run_and_the_table(smoke_grid):
     for e in entries:
         assert e["runs"] == [f"{e['defense']}-n64/seed0", f"{e['defense']}-n64/seed1"]
         for run in e["runs"]:
-            results = json.load(open(os.path.join(out, run, "results.json")))
+            results = read_json(os.path.join(out, run, "results.json"))
             assert results["n_defense"] == 64 and results["defense"] == e["defense"]
         assert {"acc", "acc_mean", "acc_std", "asr", "asr_nontarget", "ra", "ra_std"} <= set(e)
     for name in ("table.md", "table.csv", "table.json", "tradeoff.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    assert open(os.path.join(out, "tradeoff.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    md = open(os.path.join(out, "table.md")).read()
+    assert read_bytes(os.path.join(out, "tradeoff.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    md = read_text(os.path.join(out, "table.md"))
     assert md.splitlines()[0] == "| | KD 64 | ASD 64 |" and "| ASR non-target |" in md and "| RA |" in md
-    assert [row["defense"] for row in csv.DictReader(open(os.path.join(out, "table.csv")))] == ["kd", "asd"]
-    assert json.load(open(os.path.join(out, "table.json"))) == json.loads(json.dumps(entries))
+    table_csv = read_text(os.path.join(out, "table.csv")).splitlines()
+    assert [row["defense"] for row in csv.DictReader(table_csv)] == ["kd", "asd"]
+    assert read_json(os.path.join(out, "table.json")) == json.loads(json.dumps(entries))
     # --eval_every auto (5 on a CPU, decided by the run): epoch 0 of 2 is not evaluated, the last one is
     rows = read_jsonl(os.path.join(out, "kd-n64", "seed0", "log.jsonl"))
     assert "acc" not in rows[0] and "acc" in rows[1]
@@ -48,20 +50,20 @@ def test_smoke_preset_writes_every_run_and_the_table(smoke_grid):
 def test_a_second_run_skips_finished_runs_and_resumes_an_interrupted_one(smoke_grid, capsys):
     teacher, out, _ = smoke_grid
     finished = os.path.join(out, "kd-n64", "seed0", "results.json")
-    before = open(finished).read(), os.path.getmtime(finished)
+    before = read_text(finished), os.path.getmtime(finished)
     # make asd seed 1 an interrupted run: stopped results and one epoch of log
     folder = os.path.join(out, "asd-n64", "seed1")
     rows = read_jsonl(os.path.join(folder, "log.jsonl"))
-    results = json.load(open(os.path.join(folder, "results.json")))
-    json.dump({**results, "stopped": "interrupted"}, open(os.path.join(folder, "results.json"), "w"))
+    results = read_json(os.path.join(folder, "results.json"))
+    write_json_file(os.path.join(folder, "results.json"), {**results, "stopped": "interrupted"})
     capsys.readouterr()
     reproduce.main(["--read_dir", teacher, "--output_dir", out, *SMOKE])
     text = capsys.readouterr().out
     assert "4 runs; 3 finished, 1 to resume, 0 to start" in text and "asd-n64 seed 1: acc" in text
-    assert (open(finished).read(), os.path.getmtime(finished)) == before  # not rewritten
-    assert "resumed" in open(os.path.join(out, "logs", "asd-n64-seed1.log")).read()
+    assert (read_text(finished), os.path.getmtime(finished)) == before  # not rewritten
+    assert "resumed" in read_text(os.path.join(out, "logs", "asd-n64-seed1.log"))
     assert len(read_jsonl(os.path.join(folder, "log.jsonl"))) == len(rows)
-    assert "stopped" not in json.load(open(os.path.join(folder, "results.json")))
+    assert "stopped" not in read_json(os.path.join(folder, "results.json"))
 
 
 def test_submitit_local_executor_runs_the_same_grid(smoke_grid, tmp_path):
@@ -116,7 +118,7 @@ def attack_grid(tmp_path_factory):
 def test_attacks_given_by_name_are_trained_once(attack_grid, capsys):
     out, _ = attack_grid
     for name in ("badnets", "none"):
-        results = json.load(open(os.path.join(out, "teachers", name, "results.json")))
+        results = read_json(os.path.join(out, "teachers", name, "results.json"))
         assert results["attack"] == name and "stopped" not in results
         assert os.path.isfile(os.path.join(out, "logs", f"teacher-{name}.log"))
     assert os.path.isfile(os.path.join(out, "teachers", "badnets", "pattern.pt"))
@@ -132,8 +134,8 @@ def test_attacks_given_by_name_are_trained_once(attack_grid, capsys):
 
 def test_a_clean_teacher_is_measured_with_the_first_backdoored_teachers_trigger(attack_grid):
     out, summary = attack_grid
-    badnets = json.load(open(os.path.join(out, "badnets", "kd-n64", "seed0", "args.json")))
-    clean = json.load(open(os.path.join(out, "none", "kd-n64", "seed0", "args.json")))
+    badnets = read_json(os.path.join(out, "badnets", "kd-n64", "seed0", "args.json"))
+    clean = read_json(os.path.join(out, "none", "kd-n64", "seed0", "args.json"))
     assert badnets["read_dir"] == os.path.join(out, "teachers", "badnets") and badnets["trigger_dir"] is None
     assert clean["read_dir"] == os.path.join(out, "teachers", "none")
     assert clean["trigger_dir"] == os.path.join(out, "teachers", "badnets")
@@ -146,9 +148,9 @@ def test_each_attack_has_its_tables_and_the_summary_a_column_per_attack(attack_g
     for label in ("badnets", "none"):
         for name in ("table.md", "table_arms.md", "table.csv", "table.json", "tradeoff.png"):
             assert os.path.getsize(os.path.join(out, label, name)) > 0, (label, name)
-        arms = open(os.path.join(out, label, "table_arms.md")).read().splitlines()
+        arms = read_text(os.path.join(out, label, "table_arms.md")).splitlines()
         assert "| re-tuned ASR |" in arms[0] and "—" not in arms[2].split("|")[8]  # the column and its number
-    lines = open(os.path.join(out, "summary.md")).read().splitlines()
+    lines = read_text(os.path.join(out, "summary.md")).splitlines()
     assert lines[0] == "| | badnets | none |"
     teacher, kd = lines[2].split(" | "), lines[3].split(" | ")
     assert teacher[0] == "| teacher" and kd[0] == "| KD 64"
@@ -157,19 +159,19 @@ def test_each_attack_has_its_tables_and_the_summary_a_column_per_attack(attack_g
         cell = summary["rows"][0]["cells"][label]
         assert (acc, asr, retuned_acc, retuned_asr) == tuple(
             f"{cell[k]:.3f}" for k in ("acc", "asr", "retune_acc", "retune_asr"))
-        run = json.load(open(os.path.join(out, label, "kd-n64", "seed0", "results.json")))
+        run = read_json(os.path.join(out, label, "kd-n64", "seed0", "results.json"))
         assert cell["retune_asr"] == run["retune_asr"] and cell["retune_acc"] == run["retune_acc"]
         assert cell["acc"] == run["acc"]
     for a, entry in zip(summary["attacks"], teacher[1:]):
-        run = json.load(open(os.path.join(out, a["label"], "kd-n64", "seed0", "results.json")))
+        run = read_json(os.path.join(out, a["label"], "kd-n64", "seed0", "results.json"))
         assert entry.strip(" |") == f"{run['teacher_acc']:.3f} / {run['teacher_asr']:.3f} / — / —"
-    assert json.load(open(os.path.join(out, "summary.json"))) == json.loads(json.dumps(summary))
+    assert read_json(os.path.join(out, "summary.json")) == json.loads(json.dumps(summary))
 
 
 def test_an_interrupted_teacher_is_resumed_with_the_same_flags_only(attack_grid, capsys):
     out, _ = attack_grid
     results = os.path.join(out, "teachers", "none", "results.json")
-    json.dump({"stopped": "interrupted", "epochs_run": 1}, open(results, "w"))
+    write_json_file(results, {"stopped": "interrupted", "epochs_run": 1})
     changed = list(ATTACK_GRID)
     changed[changed.index("--attack_flags") + 1] = TEACHER_FLAGS.replace("--width 4", "--width 8")
     with pytest.raises(SystemExit) as e:
@@ -178,8 +180,8 @@ def test_an_interrupted_teacher_is_resumed_with_the_same_flags_only(attack_grid,
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--width 4 -> 8" in err
     reproduce.main(["--attacks", "badnets", "none", "--output_dir", out, *ATTACK_GRID])
     assert "teachers" in capsys.readouterr().out
-    assert "resumed" in open(os.path.join(out, "logs", "teacher-none.log")).read()
-    assert json.load(open(results))["attack"] == "none"
+    assert "resumed" in read_text(os.path.join(out, "logs", "teacher-none.log"))
+    assert read_json(results)["attack"] == "none"
 
 
 def test_the_summary_says_so_when_runs_had_no_retune():
@@ -197,7 +199,7 @@ def test_the_summary_says_so_when_runs_had_no_retune():
 def test_teacher_labels_from_names_folders_and_their_results(tmp_path):
     from tests.conftest import write_teacher_dir
     bad = write_teacher_dir(tmp_path / "bad-w8")
-    json.dump({"attack": "badnets"}, open(os.path.join(bad, "results.json"), "w"))
+    write_json_file(os.path.join(bad, "results.json"), {"attack": "badnets"})
     old = write_teacher_dir(tmp_path / "old-adba")  # no results.json: its folder's name
     clean = write_teacher_dir(tmp_path / "clean")
     for name in ("pattern.pt", "mask.pt"):

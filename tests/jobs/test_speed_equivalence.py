@@ -26,6 +26,7 @@ from helper.defenses.asd import Distiller
 from helper.jobs.reference import ReferenceStep, reference_asl
 from helper.train.losses import attention_shifting_loss
 from models import resnet18
+from tests import read_json, read_text
 from tests.conftest import fast_flags, write_teacher_dir
 
 
@@ -147,8 +148,8 @@ def _run(tmp_path, name, teacher_dir, extra):
     flags = fast_flags(teacher_dir, out, epochs=4)
     flags[flags.index("--subset_rate") + 1] = "1.0"
     distri.main(flags + ["--select_from", "0"] + extra)
-    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    return rows, json.load(open(os.path.join(out, "results.json")))
+    rows = [json.loads(line) for line in read_text(os.path.join(out, "log.jsonl")).splitlines()]
+    return rows, read_json(os.path.join(out, "results.json"))
 
 
 def _same_run(fast_rows, fast, plain_rows, plain):

@@ -28,7 +28,7 @@ from helper.report.plot import _compact, plot_curves, plot_trigger
 from helper.run.checkpoint import save_checkpoint
 from helper.train.losses import attention_map as nad_attention_map
 from models import resnet18
-from tests import ROOT
+from tests import ROOT, read_json, write_json_file
 from tests.conftest import TEST_WIDTH, fast_flags, write_teacher_dir
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,7 @@ def test_a_defense_run_writes_attention_files(teacher_dir, tmp_path):
     out = tmp_path / "run"
     distri.main(fast_flags(teacher_dir, out, epochs=1) + ["--no_progress"])
     assert _is_png(out / "attention.png")
-    summary = json.load(open(out / "attention.json"))
+    summary = read_json(out / "attention.json")
     assert summary["student_state"] == "selected" and summary["groups"] == list(GROUPS)
     assert summary["mask_pixels_inside"] == 36 and summary["mask_threshold"] == 0.01
     assert len(summary["indices"]) == summary["n_images"] and 0 < summary["n_images"] <= 128
@@ -154,9 +154,9 @@ def _fake_run(path, teacher_dir, defense="asd", ratio_type="scheduler", seed=1, 
     os.makedirs(path)
     args = {"read_dir": str(teacher_dir), "dataset": dataset, "synthetic_test": 64, "synthetic_seed": 0,
             "target_label": 0, "defense": defense, "ratio_type": ratio_type, "thresh_mask": None}
-    json.dump(args, open(os.path.join(path, "args.json"), "w"))
-    json.dump({"acc": 0.5, "asr": 0.25, "teacher_acc": 0.9, "teacher_asr": 1.0},
-              open(os.path.join(path, "results.json"), "w"))
+    write_json_file(os.path.join(path, "args.json"), args)
+    write_json_file(os.path.join(path, "results.json"),
+                    {"acc": 0.5, "asr": 0.25, "teacher_acc": 0.9, "teacher_asr": 1.0})
     torch.manual_seed(seed)
     save_checkpoint(resnet18(10, TEST_WIDTH), os.path.join(path, "selected.pkl"))
     return str(path)
@@ -200,8 +200,8 @@ def test_attention_command_refuses_a_folder_that_is_not_a_finished_run(teacher_d
 
 
 def test_trigger_command_draws_a_teacher_folder(teacher_dir, tmp_path):
-    json.dump({"dataset": "synthetic", "synthetic_test": 32, "synthetic_seed": 0},
-              open(os.path.join(teacher_dir, "args.json"), "w"))
+    write_json_file(os.path.join(teacher_dir, "args.json"),
+                    {"dataset": "synthetic", "synthetic_test": 32, "synthetic_seed": 0})
     out = str(tmp_path / "trigger.png")
     figures.main(["trigger", teacher_dir, "--images", "4", "--out", out])
     assert _is_png(out)

@@ -14,7 +14,7 @@ import distri
 import helper.run.interrupt as interrupt
 from helper.run.runlog import atomic_write, read_jsonl, write_text
 from helper.train.engine import fit, run_epoch
-from tests import ROOT
+from tests import ROOT, read_json, write_json_file
 from tests.conftest import fast_flags
 
 TIMES = {"time_s", "train_time_s", "elapsed"}
@@ -27,7 +27,7 @@ def _no_times(obj):
 
 
 def _read(out):
-    return (json.load(open(os.path.join(out, "results.json"))),
+    return (read_json(os.path.join(out, "results.json")),
             [_no_times(r) for r in read_jsonl(os.path.join(out, "log.jsonl"))])
 
 
@@ -73,7 +73,7 @@ def test_stopped_and_resumed_run_equals_the_run_straight_through(teacher_dir, tm
     assert e.value.code == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "interrupted by SIGINT" in err and f"--output_dir {out}" in err and err.strip().endswith("--resume")
-    stopped = json.load(open(os.path.join(out, "results.json")))
+    stopped = read_json(os.path.join(out, "results.json"))
     assert stopped["stopped"] == "interrupted" and stopped["epochs_run"] == (1 if defense == "nad" else 3)
     for f in ("checkpoint.pkl", "last.pt", "log.jsonl"):
         assert os.path.isfile(os.path.join(out, f)), f
@@ -112,7 +112,7 @@ def test_attack_stopped_and_resumed_equals_the_attack_straight_through(tmp_path,
     with pytest.raises(SystemExit) as e:
         adba.main(flags + ["--output_dir", out])
     assert e.value.code == 130 and "--resume" in capsys.readouterr().err
-    assert json.load(open(os.path.join(out, "results.json"))) == {"stopped": "interrupted", "epochs_run": 2}
+    assert read_json(os.path.join(out, "results.json")) == {"stopped": "interrupted", "epochs_run": 2}
     monkeypatch.undo()
     adba.main(flags + ["--output_dir", out, "--resume"])
     resumed = _read(out)
@@ -157,14 +157,14 @@ def test_sigint_stops_a_real_run_and_resume_finishes_it(teacher_dir, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "continue with: python distri.py" in err
-    stopped = json.load(open(out / "results.json"))
+    stopped = read_json(out / "results.json")
     assert stopped["stopped"] == "interrupted" and 1 <= stopped["epochs_run"] < 40
     assert torch.load(out / "selected.pkl", weights_only=True) and torch.load(out / "checkpoint.pkl", weights_only=True)
     flags = fast_flags(teacher_dir, out, epochs=40) + ["--no_progress", "--ratio_type", "fix", "--resume"]
     proc = subprocess.run([sys.executable, "distri.py", *flags], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [r["epoch"] for r in read_jsonl(out / "log.jsonl")] == list(range(40))
-    assert "stopped" not in json.load(open(out / "results.json"))
+    assert "stopped" not in read_json(out / "results.json")
 
 
 def test_a_kill_during_the_final_writes_never_leaves_results_beside_a_partial_checkpoint(teacher_dir, tmp_path):
@@ -184,7 +184,7 @@ def test_a_kill_during_the_final_writes_never_leaves_results_beside_a_partial_ch
                 torch.load(out / name, weights_only=True)  # whole, never truncated
         if "results.json" in names:
             assert {"checkpoint.pkl", "selected.pkl", "curves.png"} <= set(names)
-            json.load(open(out / "results.json"))
+            read_json(out / "results.json")
 
 
 def test_args_json_holds_every_argument_as_given(teacher_dir, tmp_path):
@@ -193,7 +193,7 @@ def test_args_json_holds_every_argument_as_given(teacher_dir, tmp_path):
     out = tmp_path / "r"
     flags = fast_flags(teacher_dir, out, epochs=1) + ["--no_progress"]
     distri.main(flags)
-    saved = json.load(open(out / "args.json"))
+    saved = read_json(out / "args.json")
     args = distri.defense_parser(flags).parse_args(flags)
     assert {k: saved[k] for k in vars(args)} == json.loads(json.dumps(vars(args)))
     assert saved["amp"] == "auto" and saved["device_used"] == "cpu" and saved["precision"] == "fp32"
@@ -268,12 +268,12 @@ def test_a_run_resumed_on_another_device_type_is_refused_and_its_folder_left_as_
         distri.main(flags)
     finally:
         torch.use_deterministic_algorithms(False)
-    saved = json.load(open(out / "args.json"))
+    saved = read_json(out / "args.json")
     assert saved["eval_every"] == "auto" and saved["eval_every_effective"] == 5 and saved["deterministic"] is True
     rows = read_jsonl(out / "log.jsonl")
     assert "acc" not in rows[0] and "acc" in rows[1]  # auto on the CPU: every 5th epoch and the last
-    results = json.load(open(out / "results.json"))
-    json.dump({**results, "stopped": "interrupted"}, open(out / "results.json", "w"))
+    results = read_json(out / "results.json")
+    write_json_file(out / "results.json", {**results, "stopped": "interrupted"})
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["rng"]["device"] == "cpu" and "cuda" not in last["rng"] and "cuda_device" not in last["rng"]
     del last["rng"]["device"]  # as an older last.pt, told by the generator state's size
@@ -318,7 +318,7 @@ def test_a_run_resumed_before_its_first_epoch_records_the_device_it_ran_on(teach
     with open(out / "args.json", "w") as f:
         json.dump(record, f)
     distri.main(flags + ["--resume"])
-    saved = json.load(open(out / "args.json"))
+    saved = read_json(out / "args.json")
     assert saved["device_used"] == "cpu" and saved["precision"] == "fp32"
     given = {k: v for k, v in json.loads(json.dumps(vars(args))).items() if k != "resume"}
     assert {k: saved[k] for k in given} == given and saved["resume"] is True

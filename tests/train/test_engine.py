@@ -1,6 +1,5 @@
 """helper.train.engine: the epoch accumulation, the fit loop (logging, non-finite stop, selection), and the regression
 of KD and ASD against the numbers the loop gave before it became the engine."""
-import json
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch
 import distri
 from helper.run.runlog import read_jsonl
 from helper.train.engine import epoch_line, fit, optimizer_step, run_epoch
+from tests import read_json
 from tests.conftest import fast_flags, write_teacher_dir
 
 
@@ -93,4 +93,4 @@ def test_kd_and_asd_runs_are_those_of_the_loop_before_the_engine(tmp_path, name)
             assert row["asl"] == pytest.approx(asl, rel=1e-3)
         assert abs(row["acc"] - acc) <= 1 / 128
         assert (row["kd_weight"], row["asl_weight"]) == (kd_w, asl_w)
-    assert json.load(open(tmp_path / name / "results.json"))["defense"] == "asd"
+    assert read_json(tmp_path / name / "results.json")["defense"] == "asd"
