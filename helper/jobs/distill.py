@@ -20,7 +20,7 @@ from helper.train.engine import Fit, fit, image_epoch
 from helper.train.evaluate import EvalSet, conv_weight_norm, evaluate
 from models import resnet18
 
-METRICS = ("acc", "asr", "asr_nontarget", "ra")
+METRICS = ("acc", "asr", "asr_nontarget", "ra", "target_acc")  # target_acc: the target class's own clean Acc
 
 
 def _run_name(args):
@@ -81,8 +81,7 @@ def run(args, out=print):
         defense.close()
     selection = run.selection
     if args.epoch == 0:  # no training: the prepared student is the result (CLP alone, BCU's re-initialisation alone)
-        results.update({k: init_metrics[k] for k in (*METRICS, "top_class_share", "target_acc")}, best_epoch=None,
-                       kd_loss=None)
+        results.update({k: init_metrics[k] for k in (*METRICS, "top_class_share")}, best_epoch=None, kd_loss=None)
         selection.best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     if selection.best is not None and "acc" not in selection.best:  # --eval_every skipped it: evaluate it now
         selection.best = {**selection.best, **evaluate(_selected(student, selection), eval_set, **eval_kw)}
@@ -130,7 +129,7 @@ def _start(args, kind, teacher, student, eval_set, pattern, mask, eval_kw, prepa
     init_metrics = evaluate(student, eval_set, **eval_kw)
     out(_metrics_line("teacher:", teacher_metrics))
     out(_metrics_line("student (start):", init_metrics))
-    results = {**{f"teacher_{k}": teacher_metrics[k] for k in (*METRICS, "target_acc")}, "student_init": init_metrics,
+    results = {**{f"teacher_{k}": teacher_metrics[k] for k in METRICS}, "student_init": init_metrics,
                "defense": args.defense, "defense_label": kind.run_label(args), **kind.result_fields(args),
                "n_defense": n_defense, "train_precision": meta["precision"], "eval_precision": "fp32",
                "select_from": select_from, **prepared}
@@ -223,8 +222,7 @@ def _finish(life, rows, results, best, best_state, student, pattern, mask, args,
     """Write the checkpoints, curves.png and, last, results.json; print the selected result."""
     out_dir = life.folder
     if best is not None:
-        results.update({k: best.get(k) for k in (*METRICS, "top_class_share", "target_acc", "kd_loss")},
-                       best_epoch=best["epoch"])
+        results.update({k: best.get(k) for k in (*METRICS, "top_class_share", "kd_loss")}, best_epoch=best["epoch"])
     final = [r for r in rows if "stage" not in r]
     if final:
         results["final"] = {k: final[-1].get(k) for k in ("epoch", *METRICS, "kd_loss")}
@@ -241,10 +239,7 @@ def _finish(life, rows, results, best, best_state, student, pattern, mask, args,
     write_json(os.path.join(out_dir, "results.json"), results)  # last: a results.json means every file is whole
     if out is not None and best is not None:
         out(f"result (epoch {best['epoch']}, lowest KD loss {best['kd_loss']:.4f} from epoch {results['select_from']}): "
-            + "  ".join(f"{k} {best[k]:.4f}" for k in METRICS)
-            + (f"  (the target class's own acc {best['target_acc']:.4f}, "
-               f"the teacher's {results['teacher_target_acc']:.4f})"
-               if best.get("target_acc") is not None and results.get("teacher_target_acc") is not None else ""))
+            + "  ".join(f"{k} {best[k]:.4f}" for k in METRICS if best.get(k) is not None))
         if best.get("top_class_share", 0) >= 0.99:
             out(f"warning: at the selected epoch the student gives one class to {best['top_class_share']:.1%} of the "
                 f"clean test images: its output no longer depends on its input, so its ASR says nothing about the backdoor")
